@@ -1,0 +1,64 @@
+"""Shared test fixtures: where the real data is, and how to launch a script under a real two-process torchrun."""
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# the real CIFAR-100 copy that sits beside every checkout (and beside CI's clean clone)
+SHARED_DATA = os.environ.get("W2S_SHARED_DATA", os.path.join(ROOT, "..", "shared", "data"))
+
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture
+def cifar100_dir():
+    """Directory holding cifar-100-python/ (real data, read-only)."""
+    path = os.path.join(SHARED_DATA, "cifar-100-python")
+    if not os.path.isdir(path):
+        pytest.fail(f"real CIFAR-100 expected at {path} (the shared data beside the checkout); set W2S_SHARED_DATA")
+    return SHARED_DATA
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_torchrun(script, args, nproc=2, timeout=600):
+    """Runs `torchrun --nproc_per_node=nproc script args` on CPU (gloo) and returns the CompletedProcess;
+    fails the test with the processes' output when the run fails."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
+           f"--master_port={_free_port()}", os.path.join(ROOT, script), *map(str, args)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        pytest.fail(f"torchrun {script} failed with exit code {proc.returncode}:\n{proc.stdout[-4000:]}\n"
+                    f"{proc.stderr[-4000:]}")
+    return proc
+
+
+def make_image_tree(root, splits=("train", "val"), num_classes=3, per_class=8, size=32, seed=0, ext="JPEG"):
+    """Writes a small learnable image tree root/<split>/class_<k>/<i>.<ext>: each class has its own colour and
+    stripe orientation plus noise, so a few steps of training beat chance. Returns root."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size]
+    for split in splits:
+        for k in range(num_classes):
+            folder = os.path.join(root, split, f"class_{k:03d}")
+            os.makedirs(folder, exist_ok=True)
+            colour = np.array([(97 * k) % 256, (53 * k + 80) % 256, (181 * k + 40) % 256], dtype=np.float32)
+            stripes = np.sin((xx if k % 2 else yy) * (0.4 + 0.15 * k))[..., None] * 60
+            for i in range(per_class):
+                img = colour + stripes + rng.normal(0, 25, size=(size, size, 3))
+                Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(os.path.join(folder, f"{i:04d}.{ext}"))
+    return root
