@@ -1,0 +1,396 @@
+"""transfer.py (Table 3): MAE checkpoint loading, layer-wise lr decay, mixup shared with the teacher, every loss,
+end-to-end distillation, exact resume, a real 2-process torchrun and the errors people will hit. CPU only, tiny ViT."""
+import json
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from PIL import Image
+
+import transfer
+from conftest import make_image_tree, run_torchrun
+
+TINY = transfer.VIT_CONFIGS["vit_tiny_test"]   # patch 8, dim 32, depth 2, heads 2, mlp 64
+NUM_CLASSES = 3
+
+
+def mae_state_dict(grid, dim=TINY["dim"], depth=TINY["depth"], mlp=TINY["mlp_dim"], patch=TINY["patch_size"], seed=0):
+    """A synthetic MAE pre-training checkpoint, written key by key with MAE's names (encoder + decoder, no head)."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *shape: torch.randn(*shape, generator=g) * 0.2   # noqa: E731
+    sd = {"cls_token": r(1, 1, dim), "pos_embed": r(1, 1 + grid * grid, dim),
+          "patch_embed.proj.weight": r(dim, 3, patch, patch), "patch_embed.proj.bias": r(dim),
+          "norm.weight": 1 + r(dim), "norm.bias": r(dim),
+          "mask_token": r(1, 1, 16), "decoder_embed.weight": r(16, dim), "decoder_pred.bias": r(patch * patch * 3)}
+    for i in range(depth):
+        b = f"blocks.{i}."
+        sd.update({b + "norm1.weight": 1 + r(dim), b + "norm1.bias": r(dim),
+                   b + "attn.qkv.weight": r(3 * dim, dim), b + "attn.qkv.bias": r(3 * dim),
+                   b + "attn.proj.weight": r(dim, dim), b + "attn.proj.bias": r(dim),
+                   b + "norm2.weight": 1 + r(dim), b + "norm2.bias": r(dim),
+                   b + "mlp.fc1.weight": r(mlp, dim), b + "mlp.fc1.bias": r(mlp),
+                   b + "mlp.fc2.weight": r(dim, mlp), b + "mlp.fc2.bias": r(dim)})
+    return sd
+
+
+def reference_forward(sd, x, head_w, head_b, heads=TINY["heads"], global_pool=False):
+    """The ViT written out with plain tensor ops from the checkpoint tensors, independent of transfer.py's modules."""
+    patch = sd["patch_embed.proj.weight"].shape[-1]
+    tokens = F.conv2d(x, sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"], stride=patch)
+    tokens = tokens.flatten(2).transpose(1, 2)
+    tokens = torch.cat([sd["cls_token"].expand(len(x), -1, -1), tokens], 1) + sd["pos_embed"]
+    dim = tokens.shape[-1]
+    i = 0
+    while f"blocks.{i}.norm1.weight" in sd:
+        b = lambda n: sd[f"blocks.{i}.{n}"]   # noqa: E731
+        h = F.layer_norm(tokens, (dim,), b("norm1.weight"), b("norm1.bias"), eps=1e-6)
+        q, k, v = (h @ b("attn.qkv.weight").T + b("attn.qkv.bias")).chunk(3, dim=-1)
+        split = lambda t: t.reshape(len(x), -1, heads, dim // heads).transpose(1, 2)   # noqa: E731
+        att = torch.softmax(split(q) @ split(k).transpose(-1, -2) / math.sqrt(dim // heads), dim=-1)
+        mixed = (att @ split(v)).transpose(1, 2).reshape(len(x), -1, dim)
+        tokens = tokens + mixed @ b("attn.proj.weight").T + b("attn.proj.bias")
+        h = F.layer_norm(tokens, (dim,), b("norm2.weight"), b("norm2.bias"), eps=1e-6)
+        h = F.gelu(h @ b("mlp.fc1.weight").T + b("mlp.fc1.bias")) @ b("mlp.fc2.weight").T + b("mlp.fc2.bias")
+        tokens = tokens + h
+        i += 1
+    if global_pool:   # fc_norm is new: weight 1, bias 0
+        pooled = F.layer_norm(tokens[:, 1:].mean(1), (dim,), eps=1e-6)
+    else:
+        pooled = F.layer_norm(tokens, (dim,), sd["norm.weight"], sd["norm.bias"], eps=1e-6)[:, 0]
+    return pooled @ head_w.T + head_b
+
+
+def tiny_vit(global_pool=False, size=32, classes=NUM_CLASSES):
+    return transfer.VisionTransformer(classes, img_size=size, drop_path=0.1, global_pool=global_pool, **TINY)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """An image tree (18 training, 9 validation images), a tiny MAE checkpoint and a resnet18 teacher checkpoint."""
+    root = tmp_path_factory.mktemp("transfer")
+    data = str(root / "data")
+    make_image_tree(data, splits=("train",), num_classes=NUM_CLASSES, per_class=6, size=32, seed=0)
+    make_image_tree(data, splits=("val",), num_classes=NUM_CLASSES, per_class=3, size=32, seed=1)
+    mae = str(root / "mae_tiny.pth")
+    torch.save({"model": mae_state_dict(grid=4)}, mae)
+    teacher = str(root / "teacher_r18.pth")
+    torch.manual_seed(0)
+    torch.save({"model": torchvision.models.resnet18(num_classes=NUM_CLASSES).state_dict(), "epoch": 1}, teacher)
+    return {"data": data, "mae": mae, "teacher": teacher, "root": root}
+
+
+def cli(files, out, *extra):
+    return ["--data-dir", files["data"], "--model", "vit_tiny_test", "--input-size", "32", "--batch-size", "4",
+            "--workers", "0", "--epochs", "2", "--warmup-epochs", "1", "--teacher", "resnet18",
+            "--teacher-ckpt", files["teacher"], "--pretrained", files["mae"], "--out", str(out), *extra]
+
+
+# ---- the student and its MAE checkpoint ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("global_pool", [False, True])
+def test_mae_checkpoint_loads_every_encoder_tensor_and_reproduces_outputs(files, global_pool):
+    sd = mae_state_dict(grid=4)
+    model = tiny_vit(global_pool)
+    report = " | ".join(transfer.load_mae_checkpoint(model, files["mae"]))
+    new = "fc_norm.bias, fc_norm.weight, head.bias, head.weight" if global_pool else "head.bias, head.weight"
+    assert f"loaded {len(sd) - 3 - 2 * global_pool} encoder tensors; new: {new}" in report
+    assert "unused MAE decoder tensors: 3" in report
+    assert ("unused from the checkpoint: norm.bias, norm.weight" in report) == global_pool   # as MAE's fine-tuning
+    own = model.state_dict()
+    for name, tensor in sd.items():   # every encoder tensor landed where its name says
+        if name in own:
+            assert torch.equal(own[name], tensor), name
+    assert model.head.weight.abs().max() < 1e-4   # MAE's near-zero new head
+    model.eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = reference_forward(sd, x, model.head.weight, model.head.bias, global_pool=global_pool)
+        assert torch.allclose(model(x), expected, atol=1e-5)
+        # bigger head weights so that the comparison is not dominated by the near-zero head
+        model.head.weight.normal_()
+        expected = reference_forward(sd, x, model.head.weight, model.head.bias, global_pool=global_pool)
+        assert torch.allclose(model(x), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_position_embedding_is_interpolated_for_another_image_size(tmp_path):
+    sd = mae_state_dict(grid=2)                       # pre-trained at 16 px, fine-tuned at 32 px
+    sd["pos_embed"][:, 1:] = 0.7                      # a constant grid stays constant under bicubic resizing
+    path = str(tmp_path / "mae16.pth")
+    torch.save({"model": sd}, path)
+    model = tiny_vit()
+    report = transfer.load_mae_checkpoint(model, path)
+    assert "pos_embed interpolated from 2x2 to 4x4 patches" in report
+    assert model.pos_embed.shape == (1, 17, TINY["dim"])
+    assert torch.equal(model.pos_embed[:, :1], sd["pos_embed"][:, :1])   # the class token's embedding is kept
+    assert torch.allclose(model.pos_embed[:, 1:], torch.full((1, 16, TINY["dim"]), 0.7), atol=1e-5)
+
+
+def test_checkpoints_that_are_not_this_mae_vit_are_refused(tmp_path):
+    resnet = str(tmp_path / "resnet.pth")
+    torch.save(torchvision.models.resnet18(num_classes=3).state_dict(), resnet)
+    with pytest.raises(ValueError, match="is not an MAE ViT checkpoint"):
+        transfer.load_mae_checkpoint(tiny_vit(), resnet)
+    wide = str(tmp_path / "wide.pth")
+    torch.save({"model": mae_state_dict(grid=4, dim=48)}, wide)
+    with pytest.raises(ValueError, match="different ViT size"):
+        transfer.load_mae_checkpoint(tiny_vit(), wide)
+    shallow = str(tmp_path / "shallow.pth")
+    torch.save({"model": mae_state_dict(grid=4, depth=1)}, shallow)
+    with pytest.raises(ValueError, match="lacks .* encoder tensors .*blocks.1"):
+        transfer.load_mae_checkpoint(tiny_vit(), shallow)
+
+
+def test_vit_b16_matches_torchvision_tensor_for_tensor():
+    """ViT-B/16: 86,567,656 parameters, 152 tensors mapping one to one onto torchvision's vit_b_16 (REFERENCE §2)."""
+    with torch.device("meta"):   # shapes only: no memory, no initialisation time
+        ours = transfer.build_student(transfer.parse_args(["--model", "vit_base_patch16"]), 1000).state_dict()
+        theirs = torchvision.models.vit_b_16().state_dict()
+    assert sum(t.numel() for t in ours.values()) == 86_567_656 == sum(t.numel() for t in theirs.values())
+    assert len(ours) == len(theirs) == 152
+    fixed = {"cls_token": "class_token", "pos_embed": "encoder.pos_embedding", "norm.weight": "encoder.ln.weight",
+             "norm.bias": "encoder.ln.bias", "head.weight": "heads.head.weight", "head.bias": "heads.head.bias",
+             "patch_embed.proj.weight": "conv_proj.weight", "patch_embed.proj.bias": "conv_proj.bias"}
+    inner = {"norm1": "ln_1", "norm2": "ln_2", "attn.qkv.weight": "self_attention.in_proj_weight",
+             "attn.qkv.bias": "self_attention.in_proj_bias", "attn.proj": "self_attention.out_proj",
+             "mlp.fc1": "mlp.0", "mlp.fc2": "mlp.3"}
+    for name, tensor in ours.items():
+        if name in fixed:
+            mapped = fixed[name]
+        else:
+            _, i, rest = name.split(".", 2)
+            key = next(k for k in inner if rest.startswith(k))
+            mapped = f"encoder.layers.encoder_layer_{i}." + rest.replace(key, inner[key], 1)
+        assert theirs[mapped].shape == tensor.shape, (name, mapped)
+
+
+def test_drop_path_grows_linearly_and_only_acts_in_training():
+    model = transfer.VisionTransformer(3, img_size=32, drop_path=0.3, patch_size=8, dim=32, depth=4, heads=2,
+                                       mlp_dim=64)
+    assert [b.drop_path_rate for b in model.blocks] == pytest.approx([0.0, 0.1, 0.2, 0.3])
+    x = torch.ones(4000, 8)
+    torch.manual_seed(0)
+    dropped = transfer.drop_path(x, 0.25, training=True)
+    assert dropped.unique().tolist() == pytest.approx([0.0, 4 / 3])      # dropped, or kept and rescaled by 1/(1-p)
+    assert torch.equal(dropped, dropped[:, :1].expand_as(dropped))       # per sample, never per element
+    assert (dropped[:, 0] == 0).float().mean().item() == pytest.approx(0.25, abs=0.03)
+    assert torch.equal(transfer.drop_path(x, 0.25, training=False), x)
+
+
+# ---- recipe: layer-wise lr decay, weight decay, schedule -------------------------------------------------------------
+
+def test_layer_decay_groups_carry_the_right_lr_scale_and_weight_decay():
+    model = tiny_vit()
+    groups = transfer.param_groups_lrd(model, weight_decay=0.05, layer_decay=0.65)
+    seen = [n for g in groups for n in g["names"]]
+    assert sorted(seen) == sorted(n for n, _ in model.named_parameters())   # every parameter exactly once
+    scale = {n: g["lr_scale"] for g in groups for n in g["names"]}
+    decay = {n: g["weight_decay"] for g in groups for n in g["names"]}
+    depth = TINY["depth"]
+    for name, p in model.named_parameters():
+        if name in ("cls_token", "pos_embed") or name.startswith("patch_embed"):
+            want = 0.65 ** (depth + 1)
+        elif name.startswith("blocks."):
+            want = 0.65 ** (depth - int(name.split(".")[1]))
+        else:
+            assert name.startswith(("norm.", "head."))
+            want = 1.0
+        assert scale[name] == pytest.approx(want), name
+        assert decay[name] == (0.0 if p.ndim == 1 or name in ("cls_token", "pos_embed") else 0.05), name
+    assert scale["blocks.0.attn.qkv.weight"] == pytest.approx(0.65 ** 2) and decay["blocks.0.mlp.fc1.bias"] == 0.0
+
+
+def test_lr_schedule_warms_up_per_step_then_cosine_to_min_lr():
+    args = transfer.parse_args(["--lr", "2e-3", "--epochs", "100", "--warmup-epochs", "5"])
+    assert transfer.lr_at(args, 0.0) == 0.0
+    assert transfer.lr_at(args, 2.5) == pytest.approx(1e-3)                # per step, not per epoch
+    assert transfer.lr_at(args, 5.0) == pytest.approx(2e-3)
+    assert transfer.lr_at(args, 52.5) == pytest.approx(1e-6 + (2e-3 - 1e-6) / 2)
+    assert transfer.lr_at(args, 100.0) == pytest.approx(1e-6)
+
+
+# ---- mixup / cutmix shared with the teacher, and every loss ---------------------------------------------------------
+
+def step_setup(loss, gt_weight=1.0):
+    args = transfer.parse_args(["--model", "vit_tiny_test", "--input-size", "32", "--loss", loss, "--teacher",
+                                "resnet18", "--gt-weight", str(gt_weight), "--epochs", "10"])
+    torch.manual_seed(0)
+    student, teacher = tiny_vit(), torchvision.models.resnet18(num_classes=NUM_CLASSES).eval().requires_grad_(False)
+    regressor = None
+    if loss == "fitnet":
+        regressor = transfer.FeatureRegressor(TINY["dim"], 512, student.grid, 1)
+    return args, student, teacher, regressor
+
+
+def test_mixed_targets_sum_to_one_and_the_teacher_sees_the_same_mixed_batch():
+    args, student, teacher, regressor = step_setup("adaptconf")
+    mixer = transfer.build_mixer(args, NUM_CLASSES)
+    images, labels = torch.randn(6, 3, 32, 32), torch.tensor([0, 1, 2, 0, 1, 2])
+    for seed in range(8):   # mixup or cutmix, drawn at random per batch: look at several batches
+        torch.manual_seed(seed)
+        mixed, targets = transfer.mix_batch(images, labels, mixer, NUM_CLASSES)
+        assert targets.shape == (6, NUM_CLASSES) and torch.allclose(targets.sum(1), torch.ones(6))
+        assert mixed.shape == images.shape and not torch.equal(mixed, images)
+    assert transfer.mix_batch(images, labels, None, NUM_CLASSES)[1].equal(F.one_hot(labels, 3).float())
+
+    seen = {}
+    student.patch_embed.proj.register_forward_pre_hook(lambda m, inp: seen.__setitem__("student", inp[0].clone()))
+    teacher.conv1.register_forward_pre_hook(lambda m, inp: seen.__setitem__("teacher", inp[0].clone()))
+    torch.manual_seed(3)
+    transfer.distill_step(args, student, teacher, regressor, images, labels, mixer, NUM_CLASSES, epoch=0)
+    assert torch.equal(seen["student"], seen["teacher"])          # one mixed batch for both
+    assert not torch.equal(seen["student"], images)               # and it is mixed
+
+
+@pytest.mark.parametrize("loss,gt_weight", [("ce", 1), ("kd", 1), ("kd", 0), ("fitnet", 1), ("fitnet", 0),
+                                            ("rkd", 1), ("rkd", 0), ("dkd", 1), ("augconf", 1), ("augconf", 0),
+                                            ("adaptconf", 1), ("adaptconf", 0)])
+def test_every_loss_gives_a_finite_loss_and_gradients(loss, gt_weight):
+    args, student, teacher, regressor = step_setup(loss, gt_weight)
+    mixer = transfer.build_mixer(args, NUM_CLASSES)
+    images, labels = torch.randn(6, 3, 32, 32), torch.tensor([0, 1, 2, 0, 1, 2])
+    value, terms, beta = transfer.distill_step(args, student, teacher, regressor, images, labels, mixer, NUM_CLASSES,
+                                               epoch=2)
+    value.backward()
+    assert torch.isfinite(value) and value.item() > 0
+    assert ("gt" in terms) == (gt_weight > 0)
+    assert ("kd" in terms) == (loss == "kd" or (loss in ("fitnet", "rkd") and gt_weight == 0))
+    assert value.item() == pytest.approx(sum(t.item() for t in terms.values()), rel=1e-5)
+    assert student.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+    if loss == "fitnet":
+        assert regressor.conv.weight.grad.abs().sum() > 0
+    if loss == "adaptconf":
+        assert beta.shape == (6,) and (beta > 0).all() and (beta <= 0.5).all()
+    else:
+        assert beta is None
+
+
+# ---- end to end ----------------------------------------------------------------------------------------------------
+
+def read_log(out):
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_end_to_end_distillation_logs_checkpoints_and_eval_only(files, tmp_path):
+    out = tmp_path / "run"
+    results = transfer.main(transfer.parse_args(cli(files, out, "--loss", "adaptconf", "--epochs", "1")))
+    (record,) = read_log(out)
+    for key in ("epoch", "lr", "loss", "gt", "adaptconf", "top1", "top5", "images_per_s", "seconds", "beta_mean",
+                "beta_frac_half", "beta_hist", "teacher_top1", "val_images"):
+        assert key in record, key
+    assert record["val_images"] == 9 and len(record["beta_hist"]) == 10
+    assert sum(record["beta_hist"]) == pytest.approx(1.0) and 0 < record["beta_mean"] <= 0.5
+    assert round(record["top1"] * 9 / 100, 6) == round(record["top1"] * 9 / 100)   # counts, not averaged means
+    with open(out / "results.json") as f:
+        saved = json.load(f)
+    assert saved["top1"] == results["top1"] == record["top1"] and saved["args"]["loss"] == "adaptconf"
+    assert saved["teacher_top1"] == record["teacher_top1"]
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert ckpt["epoch"] == 1 and {"model", "optimizer", "args", "best"} <= set(ckpt)
+    assert "head.weight" in ckpt["model"] and "cls_token" in ckpt["model"]
+    evaluated = transfer.main(transfer.parse_args(cli(files, tmp_path / "eval", "--eval-only",
+                                                      str(out / "checkpoint.pt"))))
+    assert evaluated["top1"] == results["top1"] and evaluated["val_images"] == 9
+
+
+def test_resume_reproduces_an_uninterrupted_run_exactly(files, tmp_path):
+    # fitnet: the regressor and its optimizer state must come back too
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    args = ("--loss", "fitnet", "--gt-weight", "0")
+    transfer.main(transfer.parse_args(cli(files, whole, *args)))
+    transfer.main(transfer.parse_args(cli(files, split, *args, "--stop-after", "1")))
+    assert [r["epoch"] for r in read_log(split)] == [0]
+    transfer.main(transfer.parse_args(cli(files, split, *args, "--resume")))
+    a = torch.load(whole / "checkpoint.pt", weights_only=False)
+    b = torch.load(split / "checkpoint.pt", weights_only=False)
+    for name in a["model"]:
+        assert torch.equal(a["model"][name], b["model"][name]), name
+    for name in a["regressor"]:
+        assert torch.equal(a["regressor"][name], b["regressor"][name]), name
+    strip = lambda rs: [{k: v for k, v in r.items() if k not in ("seconds", "images_per_s")} for r in rs]  # noqa
+    assert strip(read_log(whole)) == strip(read_log(split))
+    with open(whole / "results.json") as f, open(split / "results.json") as g:
+        assert json.load(f)["top1"] == json.load(g)["top1"]
+
+
+def test_torchrun_two_processes_count_every_validation_image_once(files, tmp_path):
+    out = tmp_path / "ddp"
+    proc = run_torchrun("transfer.py", cli(files, out, "--loss", "kd", "--gt-weight", "0", "--epochs", "1",
+                                           "--batch-size", "3"))
+    assert "global batch 6 (2 x 3)" in proc.stdout
+    with open(out / "results.json") as f:
+        results = json.load(f)
+    assert results["val_images"] == 9   # 5 + 4 on the two processes, no padding
+    assert round(results["top1"] * 9 / 100, 6) == round(results["top1"] * 9 / 100)
+    (record,) = read_log(out)
+    assert "gt" not in record and record["kd"] > 0
+
+
+def test_benchmark_runs_on_synthetic_tensors_without_data(tmp_path):
+    args = transfer.parse_args(["--model", "vit_tiny_test", "--input-size", "32", "--batch-size", "4", "--loss",
+                                "adaptconf", "--teacher", "resnet18", "--benchmark", "2", "--data-dir", "/nonexistent",
+                                "--out", str(tmp_path)])
+    result = transfer.main(args)
+    assert result["images_per_s"] > 0 and os.path.isfile(tmp_path / "benchmark.json")
+
+
+def test_inaturalist_split_follows_the_official_json_files(tmp_path):
+    """torchvision's INaturalist layout (<root>/2019/<super>/<id>/file) split by train2019.json / val2019.json."""
+    root = tmp_path / "inat"
+    images = {"train": [], "val": []}
+    for cat, sup in [(0, "Plantae"), (1, "Plantae"), (2, "Aves")]:
+        folder = root / "2019" / sup / str(cat)
+        folder.mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (20, 20), (40 * cat, 0, 0)).save(folder / f"{i}.jpg")
+            images["val" if i == 2 else "train"].append({"file_name": f"train_val2019/{sup}/{cat}/{i}.jpg"})
+    for split, imgs in images.items():
+        with open(root / f"{split}2019.json", "w") as f:
+            json.dump({"images": imgs}, f)
+    args = transfer.parse_args(["--dataset", "inat2019", "--data-dir", str(root), "--input-size", "16"])
+    train, val, num_classes = transfer.build_datasets(args)
+    assert (len(train), len(val), num_classes) == (6, 3, 3)
+    assert sorted(val[i][1] for i in range(3)) == [0, 1, 2]
+    os.remove(root / "val2019.json")
+    with pytest.raises(FileNotFoundError, match="val2019.json"):
+        transfer.build_datasets(args)
+
+
+# ---- errors are for people -----------------------------------------------------------------------------------------
+
+def test_bad_inputs_stop_with_one_clear_sentence(files, tmp_path):
+    run = lambda *extra: transfer.main(transfer.parse_args(cli(files, tmp_path / "bad", *extra)))  # noqa: E731
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        run("--data-dir", str(tmp_path / "nowhere"))
+    (tmp_path / "noval" / "train").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="has no 'val' folder"):
+        run("--data-dir", str(tmp_path / "noval"))
+    five = str(tmp_path / "r18_5.pth")
+    torch.save(torchvision.models.resnet18(num_classes=5).state_dict(), five)
+    with pytest.raises(ValueError, match="teacher checkpoint has 5 classes but the data has 3"):
+        run("--teacher-ckpt", five)
+    with pytest.raises(ValueError, match="not a ResNet checkpoint"):
+        run("--teacher-ckpt", files["mae"])
+    with pytest.raises(ValueError, match="teacher resnet50 from .*layer1.0.conv1.weight"):
+        run("--teacher", "resnet50")
+    with pytest.raises(ValueError, match="not an MAE ViT checkpoint"):
+        run("--pretrained", files["teacher"])
+    with pytest.raises(ValueError, match="needs ground-truth labels"):
+        run("--loss", "dkd", "--gt-weight", "0")
+    with pytest.raises(ValueError, match="--gt-weight must be > 0"):
+        run("--loss", "ce", "--gt-weight", "0")
+    with pytest.raises(ValueError, match="not a torchvision weights name"):
+        transfer.main(transfer.parse_args([a for a in cli(files, tmp_path / "bad") if a != files["teacher"]
+                                           and a != "--teacher-ckpt"] + ["--teacher-weights", "NoSuch_Weights.X"]))
+    with pytest.raises(ValueError, match="needs a teacher"):
+        transfer.main(transfer.parse_args([a for a in cli(files, tmp_path / "bad") if a != files["teacher"]
+                                           and a != "--teacher-ckpt"] + ["--loss", "kd"]))
+    with pytest.raises(FileNotFoundError, match="--resume needs"):
+        run("--resume", "--out", str(tmp_path / "fresh"))
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        run("--batch-size", "64")
+    with pytest.raises(SystemExit):
+        transfer.parse_args(["--model", "vit_huge"])
