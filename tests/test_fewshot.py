@@ -1,0 +1,297 @@
+"""Tests of fewshot.py (Meta-Baseline weak-to-strong, Tables 5 and 6): backbones, episodes, the prototype classifier,
+the confidence interval, both stages end to end on a tiny generated miniImageNet, DDP, resume and bad inputs."""
+import json
+import math
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+import fewshot
+from conftest import make_image_tree, run_torchrun
+
+TINY = ["--width", "4", "--image-size", "16", "--query", "3", "--val-episodes", "20", "--test-episodes", "40"]
+
+
+def write_pickles(root, classes=(8, 5, 5), per_class=(12, 8, 8), size=20, seed=0):
+    """Tiny miniImageNet pickles (train_phase_train, val, test; labels offset per split as in the real files). Each
+    class has its own colour and stripe pattern, so a prototype classifier can tell the classes apart."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size]
+    offset = 0
+    for name, n_classes, n in zip(("train_phase_train", "val", "test"), classes, per_class):
+        data, labels = [], []
+        for k in range(n_classes):
+            c = offset + k
+            colour = np.array([(97 * c) % 256, (53 * c + 80) % 256, (181 * c + 40) % 256], dtype=np.float32)
+            stripes = np.sin((xx if c % 2 else yy) * (0.4 + 0.15 * (c % 7)))[..., None] * 60
+            for _ in range(n):
+                data.append(np.clip(colour + stripes + rng.normal(0, 20, (size, size, 3)), 0, 255).astype(np.uint8))
+                labels.append(c)
+        offset += n_classes
+        with open(os.path.join(root, f"miniImageNet_category_split_{name}.pickle"), "wb") as f:
+            pickle.dump({"data": np.stack(data), "labels": labels}, f)
+    return str(root)
+
+
+def run(data_dir, out, *extra):
+    return fewshot.main(fewshot.parse_args(["--data-dir", data_dir, "--out", str(out), *TINY, *map(str, extra)]))
+
+
+def read_log(out):
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return write_pickles(tmp_path_factory.mktemp("mini"))
+
+
+@pytest.fixture(scope="module")
+def teacher_ckpt(data_dir, tmp_path_factory):
+    """A classifier-stage ResNet-12 teacher trained with ce (2 epochs)."""
+    out = tmp_path_factory.mktemp("teacher")
+    run(data_dir, out, "--stage", "classifier", "--model", "resnet12", "--loss", "ce", "--epochs", "2",
+        "--batch-size", "48")
+    return str(out / "checkpoint.pt")
+
+
+# ---- models ------------------------------------------------------------------------------------------------------
+
+def test_parameter_counts_match_the_official_backbones():
+    counts = {name: sum(p.numel() for p in build(64).parameters()) for name, build in fewshot.MODELS.items()}
+    assert counts == {"resnet12": 7_996_800, "resnet18": 10_210_944, "resnet36": 23_159_040}
+    assert fewshot.MODELS["resnet12"](64).out_dim == 512
+    # Meta-Baseline's names: ResNet-12 stages are single blocks, deeper ones nn.Sequential
+    assert "layer1.conv1.weight" in fewshot.MODELS["resnet12"](4).state_dict()
+    assert "layer3.4.conv3.weight" in fewshot.MODELS["resnet36"](4).state_dict()
+    assert fewshot.MODELS["resnet36"](4)(torch.randn(2, 3, 16, 16)).shape == (2, 32)
+
+
+# ---- episodes, prototype classifier, confidence interval -------------------------------------------------------------
+
+def test_episodes_have_way_classes_and_distinct_support_and_query_images():
+    labels = torch.arange(12).repeat_interleave(25)[torch.randperm(300, generator=torch.Generator().manual_seed(0))]
+    per_class = fewshot.images_by_class(labels)
+    rng = np.random.default_rng(0)
+    for shot in (1, 5):
+        for _ in range(50):
+            episode = fewshot.sample_episode(rng, per_class, 5, shot, 15)
+            assert episode.shape == (5, shot + 15)
+            classes = labels[torch.from_numpy(episode)]
+            assert (classes == classes[:, :1]).all()                       # each row is one class
+            assert len(set(classes[:, 0].tolist())) == 5                   # exactly 5 distinct classes
+            assert len(set(episode.reshape(-1).tolist())) == 5 * (shot + 15)   # no image twice, so no overlap
+            support, query = set(episode[:, :shot].reshape(-1)), set(episode[:, shot:].reshape(-1))
+            assert not support & query
+    a = fewshot.sample_episode(np.random.default_rng([0, 7]), per_class, 5, 1, 15)
+    assert (a == fewshot.sample_episode(np.random.default_rng([0, 7]), per_class, 5, 1, 15)).all()
+
+
+def test_prototype_classifier_is_perfect_on_separable_features_and_chance_on_noise():
+    labels = torch.arange(10).repeat_interleave(20)
+    per_class = fewshot.images_by_class(labels)
+    separable = torch.nn.functional.one_hot(labels, 10).float() * 5 + 0.3 * torch.randn(200, 10)
+    accs = fewshot.episode_accuracies(separable, per_class, 5, 1, 15, 100, 0, 0, 1)
+    assert accs.shape == (100,) and (accs == 1).all()
+    noise = torch.randn(200, 10)
+    assert fewshot.episode_accuracies(noise, per_class, 5, 1, 15, 200, 0, 0, 1).mean() < 0.4
+    # the logits: scale · cosine to the class-mean prototype
+    support, query = torch.randn(2, 3, 4, 8), torch.randn(2, 6, 8)
+    logits = fewshot.prototype_logits(support, query, 10.0)
+    proto = support.mean(dim=2)
+    expected = 10 * torch.nn.functional.cosine_similarity(query[:, :, None], proto[:, None], dim=-1)
+    torch.testing.assert_close(logits, expected)
+
+
+def test_episode_accuracies_split_over_ranks_equal_the_single_process_ones():
+    """The DDP path scores episodes rank::world and sums; simulated here by summing each rank's share."""
+    labels = torch.arange(6).repeat_interleave(20)
+    features = torch.randn(120, 16)
+    per_class = fewshot.images_by_class(labels)
+    whole = fewshot.episode_accuracies(features, per_class, 5, 5, 15, 37, 3, 0, 1)
+    parts = [fewshot.episode_accuracies(features, per_class, 5, 5, 15, 37, 3, r, 3) for r in range(3)]
+    assert torch.equal(sum(parts), whole)
+    assert all((p != 0).sum() <= 13 for p in parts)
+
+
+def test_adaptconf_beta_warm_up_is_the_first_quarter_of_epochs():
+    args = fewshot.parse_args(["--stage", "meta", "--epochs", "20"])
+    assert [fewshot.beta_scale(args, e) for e in (0, 1, 4, 5, 19)] == [0.0, 0.2, 0.8, 1.0, 1.0]
+    assert (args.lr, args.tau, args.kd_T, args.lr_decay_epoch) == (1e-3, 0.25, 10.0, None)
+    args = fewshot.parse_args([])
+    assert (args.stage, args.epochs, args.lr, args.tau, args.lr_decay_epoch, args.batch_size) == \
+        ("classifier", 100, 0.1, 8.0, 90, 128)
+    assert fewshot.lr_at(args, 89) == 0.1 and fewshot.lr_at(args, 90) == pytest.approx(0.01)
+
+
+def test_confidence_interval_matches_its_formula():
+    accs = [0.2, 0.4, 0.6, 0.8, 1.0]
+    mean, ci = fewshot.mean_ci(accs)
+    std = math.sqrt(sum((a - 0.6) ** 2 for a in accs) / 4)
+    assert mean == pytest.approx(60.0)
+    assert ci == pytest.approx(100 * 1.96 * std / math.sqrt(5))
+    assert fewshot.mean_ci([0.5] * 10) == (pytest.approx(50.0), 0.0)
+
+
+# ---- both stages end to end ----------------------------------------------------------------------------------------
+
+def test_classifier_stage_then_meta_stage_then_evaluation(data_dir, teacher_ckpt, tmp_path):
+    # Table 5: the ResNet-36 student learns from the classifier-stage ResNet-12 teacher with AdaptConf
+    student = tmp_path / "student"
+    res = run(data_dir, student, "--stage", "classifier", "--model", "resnet36", "--loss", "adaptconf",
+              "--teacher", "resnet12", "--teacher-ckpt", teacher_ckpt, "--epochs", "2", "--batch-size", "48")
+    log = read_log(student)
+    assert [r["epoch"] for r in log] == [0, 1]
+    assert log[0]["beta_scale"] == 0.0 and log[1]["beta_scale"] == 1.0   # 25% warm-up of 2 epochs
+    assert 0 < log[1]["beta_mean"] <= 0.5 and 0 <= log[1]["beta_frac_half"] <= 1
+    assert len(log[1]["beta_hist"]) == 10 and sum(log[1]["beta_hist"]) == pytest.approx(1.0)
+    assert log[0]["lr"] == 0.1 and log[1]["lr"] == pytest.approx(0.01)   # x0.1 at 0.9·epochs
+    assert log[1]["loss_distill"] > 0
+    saved = json.loads((student / "results.json").read_text())
+    assert saved["test"]["5shot"] == pytest.approx(res["test"]["5shot"])
+    # classes differ in colour, so features separate them: wrong episode labels would give 20%
+    assert res["test"]["5shot"] > 50 and res["test"]["1shot_ci"] >= 0
+
+    # Table 6: meta stage from the student's classifier-stage encoder, classifier-stage teacher
+    meta = tmp_path / "meta"
+    res = run(data_dir, meta, "--stage", "meta", "--model", "resnet36", "--init", student / "checkpoint.pt",
+              "--loss", "adaptconf", "--teacher", "resnet12", "--teacher-ckpt", teacher_ckpt, "--epochs", "2",
+              "--batches-per-epoch", "2", "--episodes-per-batch", "2")
+    log = read_log(meta)
+    assert log[0]["lr"] == 1e-3 and log[1]["lr"] == 1e-3
+    assert log[0]["scale"] != 10.0                                          # the scale is learned
+    assert res["test"]["1shot"] > 40 and res["best_epoch"] in (0, 1)
+    ckpt = torch.load(meta / "checkpoint.pt", weights_only=False)
+    assert ckpt["epoch"] == 2 and "scale" in ckpt["model"] and "head.weight" not in ckpt["model"]
+    # the encoder really came from the classifier stage: untrained, the first BN's running mean would be 0
+    init = torch.load(student / "checkpoint.pt", weights_only=False)["model"]
+    assert init["encoder.layer1.0.bn1.running_mean"].abs().sum() > 0
+
+    # a meta-stage teacher (Table 6, right half), kd loss
+    res = run(data_dir, tmp_path / "meta2", "--stage", "meta", "--model", "resnet36", "--init",
+              student / "checkpoint.pt", "--loss", "kd", "--teacher", "resnet36", "--teacher-ckpt",
+              meta / "checkpoint.pt", "--epochs", "1", "--batches-per-epoch", "2", "--episodes-per-batch", "1")
+    assert read_log(tmp_path / "meta2")[0]["loss_distill"] > 0
+
+    # evaluation only, of either stage's checkpoint
+    res = run(data_dir, tmp_path / "eval", "--model", "resnet36", "--eval-only", meta / "checkpoint.pt")
+    again = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert again["test"] == pytest.approx(res["test"]) and set(res["test"]) == {"1shot", "1shot_ci", "5shot",
+                                                                                "5shot_ci"}
+
+
+@pytest.mark.parametrize("loss", ["kd", "rkd", "augconf"])
+def test_other_losses_train(data_dir, teacher_ckpt, tmp_path, loss):
+    run(data_dir, tmp_path, "--stage", "classifier", "--model", "resnet12", "--loss", loss, "--teacher",
+        "resnet12", "--teacher-ckpt", teacher_ckpt, "--epochs", "1", "--batch-size", "48", "--test-episodes", "10")
+    record = read_log(tmp_path)[0]
+    assert record["loss_distill"] > 0 and record["loss"] == pytest.approx(record["loss_gt"] + record["loss_distill"],
+                                                                           rel=1e-5)
+
+
+def test_image_folder_layout(tmp_path):
+    root = make_image_tree(str(tmp_path / "tree"), splits=("train", "val", "test"), num_classes=5, per_class=8,
+                           size=20)
+    images, labels = fewshot.load_split(root, "val", 16)
+    assert images.shape == (40, 3, 16, 16) and images.dtype == torch.uint8 and labels.tolist() == sorted(labels)
+    res = run(root, tmp_path / "out", "--stage", "classifier", "--model", "resnet12", "--epochs", "1",
+              "--batch-size", "16")
+    assert 0 <= res["test"]["1shot"] <= 100
+
+
+def test_pickles_are_resized_and_relabelled(data_dir):
+    images, labels = fewshot.load_split(data_dir, "test", 16)
+    assert images.shape == (40, 3, 16, 16) and labels.min() == 0 and labels.max() == 4
+
+
+# ---- run contract: resume, DDP, benchmark --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("stage", ["classifier", "meta"])
+def test_resume_reproduces_an_uninterrupted_run(data_dir, teacher_ckpt, tmp_path, stage):
+    args = ["--stage", stage, "--model", "resnet12", "--loss", "adaptconf", "--teacher", "resnet12",
+            "--teacher-ckpt", teacher_ckpt, "--epochs", "2", "--batch-size", "48", "--batches-per-epoch", "2",
+            "--episodes-per-batch", "1", "--test-episodes", "10", "--lr-decay-epoch", "1"]   # schedule of 2 epochs
+    if stage == "meta":
+        args += ["--init", teacher_ckpt]
+    run(data_dir, tmp_path / "full", *args)
+    interrupted = [a if a != "2" or args[i - 1] != "--epochs" else "1" for i, a in enumerate(args)]
+    run(data_dir, tmp_path / "part", *interrupted)
+    run(data_dir, tmp_path / "part", *args, "--resume")
+    full = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=False)
+    part = torch.load(tmp_path / "part" / "checkpoint.pt", weights_only=False)
+    for name, tensor in full["model"].items():
+        assert torch.equal(tensor, part["model"][name]), name
+    assert [r["epoch"] for r in read_log(tmp_path / "part")] == [0, 1]
+    assert read_log(tmp_path / "part")[1]["loss"] == read_log(tmp_path / "full")[1]["loss"]
+
+
+def test_torchrun_two_processes_train_and_evaluate_every_episode_once(data_dir, teacher_ckpt, tmp_path):
+    out = tmp_path / "ddp"
+    run_torchrun("fewshot.py", ["--data-dir", data_dir, "--out", out, *TINY, "--stage", "classifier", "--model",
+                                "resnet12", "--loss", "kd", "--teacher", "resnet12", "--teacher-ckpt", teacher_ckpt,
+                                "--epochs", "1", "--batch-size", "16", "--test-episodes", "41"])
+    ddp = json.loads((out / "results.json").read_text())
+    assert len(read_log(out)) == 1
+    # the same checkpoint evaluated by one process gives the same episodes and the same accuracies
+    single = run(data_dir, tmp_path / "single", "--model", "resnet12", "--eval-only", out / "checkpoint.pt",
+                 "--test-episodes", "41")
+    assert ddp["test"] == pytest.approx(single["test"], abs=1e-9)
+
+
+def test_benchmark_runs_on_synthetic_images(capsys):
+    res = fewshot.main(fewshot.parse_args(["--benchmark", "2", "--stage", "meta", "--model", "resnet12", "--width",
+                                           "4", "--image-size", "16", "--episodes-per-batch", "1", "--query", "2",
+                                           "--loss", "adaptconf", "--teacher", "resnet12"]))
+    assert res["ms_per_step"] > 0 and "images/s" in capsys.readouterr().out
+
+
+# ---- bad inputs ----------------------------------------------------------------------------------------------------
+
+def test_official_meta_baseline_checkpoint_format_is_read(tmp_path, teacher_ckpt):
+    ours = torch.load(teacher_ckpt, weights_only=False)["model"]
+    official = {"model": "classifier", "model_sd": {k.replace("head.", "classifier.linear."): v
+                                                    for k, v in ours.items()}}
+    torch.save(official, tmp_path / "epoch-last.pth")
+    read = fewshot.read_weights(str(tmp_path / "epoch-last.pth"))
+    assert read.keys() == ours.keys() and all(torch.equal(read[k], ours[k]) for k in ours)
+
+
+def test_missing_split(tmp_path):
+    root = write_pickles(tmp_path)
+    os.remove(os.path.join(root, "miniImageNet_category_split_test.pickle"))
+    with pytest.raises(FileNotFoundError, match="test split is missing"):
+        run(root, tmp_path / "o", "--epochs", "1", "--model", "resnet12")
+    with pytest.raises(FileNotFoundError, match="train split is missing"):
+        run(str(tmp_path / "nowhere"), tmp_path / "o", "--epochs", "1", "--model", "resnet12")
+
+
+def test_too_few_images_per_class(tmp_path):
+    root = write_pickles(tmp_path, per_class=(12, 7, 8))    # val: 7 < 5 shots + 3 queries
+    with pytest.raises(ValueError, match="only 7 images.*shot \\+ query = 8"):
+        run(root, tmp_path / "o", "--epochs", "1", "--model", "resnet12")
+    with pytest.raises(ValueError, match="5 classes, fewer than the 6"):
+        run(root, tmp_path / "o", "--epochs", "1", "--model", "resnet12", "--way", "6")
+
+
+def test_bad_teachers_and_missing_init(data_dir, teacher_ckpt, tmp_path):
+    base = ["--epochs", "1", "--model", "resnet12"]
+    with pytest.raises(SystemExit, match="pass --teacher and --teacher-ckpt"):
+        run(data_dir, tmp_path / "o", *base, "--loss", "kd")
+    with pytest.raises(ValueError, match="layer1.0.conv1.weight"):             # a ResNet-12 checkpoint as ResNet-18
+        run(data_dir, tmp_path / "o", *base, "--loss", "kd", "--teacher", "resnet18", "--teacher-ckpt", teacher_ckpt)
+    os.makedirs(tmp_path / "other")
+    other = write_pickles(tmp_path / "other", classes=(6, 5, 5))
+    with pytest.raises(ValueError, match="predicts 8 classes but the training split has 6"):
+        run(other, tmp_path / "o", *base, "--loss", "kd", "--teacher", "resnet12", "--teacher-ckpt", teacher_ckpt)
+    (tmp_path / "junk.pt").write_text("not a checkpoint")
+    with pytest.raises(ValueError, match="not a PyTorch checkpoint"):
+        run(data_dir, tmp_path / "o", *base, "--loss", "kd", "--teacher", "resnet12", "--teacher-ckpt",
+            tmp_path / "junk.pt")
+    with pytest.raises(SystemExit, match="pass --init"):
+        run(data_dir, tmp_path / "o", *base, "--stage", "meta")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        run(data_dir, tmp_path / "o", *base, "--stage", "meta", "--init", tmp_path / "absent.pt")
