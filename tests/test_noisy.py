@@ -1,0 +1,284 @@
+"""Tests of noisy.py: label-noise maps and rates, PreAct ResNet sizes, Sel-CL's selection, end-to-end runs
+(teacher → student, every distillation loss, 2-process torchrun, resume) and errors. CPU only, tiny models."""
+import json
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+import noisy
+from conftest import run_torchrun
+
+# a small learnable data set (4 colour/stripe classes, 16x16) and a 1/8-width PreAct ResNet-18
+TINY = ["--dataset", "synthetic", "--synthetic-classes", "4", "--synthetic-train", "128", "--synthetic-test", "64",
+        "--synthetic-size", "16", "--model", "preact_resnet18_w8", "--teacher", "preact_resnet18_w8",
+        "--batch-size", "32", "--knn-k", "20", "--lr-warmup-epochs", "0", "--noise-rate", "0.4"]
+
+
+def run(out, *extra):
+    return noisy.main(noisy.parse_args(TINY + ["--out", str(out), *extra]))
+
+
+def read_log(out):
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def teacher_run(tmp_path_factory):
+    """A teacher trained with plain Sel-CL+ (--loss ce): 2 Sel-CL epochs (1 warm-up), 1 fine-tuning epoch."""
+    out = tmp_path_factory.mktemp("teacher")
+    run(out, "--epochs", "2", "--finetune-epochs", "1")
+    return out
+
+
+# ---- models ---------------------------------------------------------------------------------------------------
+
+def test_preact_resnet_sizes_and_outputs():
+    assert sum(p.numel() for p in noisy.build_model("preact_resnet18", 10).parameters()) == 11_236_938
+    assert sum(p.numel() for p in noisy.build_model("preact_resnet34", 10).parameters()) == 21_345_098
+    model = noisy.build_model("preact_resnet18", 100).eval()
+    names = model.state_dict().keys()
+    assert "linear2.weight" in names and "head.weight" in names and "layer4.1.conv2.weight" in names
+    assert "layer2.0.shortcut.0.weight" in names and not any(n.startswith("bn_final") for n in names)
+    logits, embed, pooled = model(torch.randn(2, 3, 32, 32))
+    assert logits.shape == (2, 100) and embed.shape == (2, 128) and pooled.shape == (2, 512)
+    assert torch.allclose(embed.norm(dim=1), torch.ones(2), atol=1e-5)
+
+
+# ---- noise ----------------------------------------------------------------------------------------------------
+
+def test_asymmetric_cifar10_map_and_rate():
+    class_map = noisy.asymmetric_class_map("cifar10", 10)
+    assert class_map.tolist() == [0, 1, 0, 5, 7, 3, 6, 7, 8, 1]          # 2→0, 3↔5, 4→7, 9→1, others stay
+    true = np.repeat(np.arange(10), 5000)
+    labels = noisy.make_noisy_labels(true, 10, "asymmetric", 0.4, seed=3, class_map=class_map)
+    changed = labels != true
+    assert set(zip(true[changed].tolist(), labels[changed].tolist())) == {(9, 1), (2, 0), (4, 7), (3, 5), (5, 3)}
+    for c in (2, 3, 4, 5, 9):                                            # each source class flips with p = 0.4
+        assert abs(changed[true == c].mean() - 0.4) < 0.03
+    report = noisy.noise_report(true, labels, 10)
+    assert abs(report["noise_rate"] - 0.2) < 0.01                       # 5 of 10 classes can flip
+    assert abs(report["transition_matrix"][3][5] - 0.4) < 0.03 and report["transition_matrix"][0][0] == 1.0
+    again = noisy.make_noisy_labels(true, 10, "asymmetric", 0.4, seed=3, class_map=class_map)
+    assert (again == labels).all()                                       # seeded
+
+
+def test_asymmetric_cifar100_stays_within_superclasses(cifar100_dir):
+    data = noisy.load_cifar(cifar100_dir, "cifar100")
+    fine, coarse = data["train_y"], data["coarse"]
+    class_map = noisy.asymmetric_class_map("cifar100", 100, fine, coarse)
+    fine_to_coarse = dict(zip(fine.tolist(), coarse.tolist()))
+    for superclass in range(20):
+        members = sorted(c for c, s in fine_to_coarse.items() if s == superclass)
+        assert len(members) == 5
+        assert [class_map[c] for c in members] == members[1:] + members[:1]      # j → j+1 circularly
+    labels = noisy.make_noisy_labels(fine, 100, "asymmetric", 0.4, seed=0, class_map=class_map)
+    changed = labels != fine
+    assert all(fine_to_coarse[a] == fine_to_coarse[b] for a, b in zip(fine[changed], labels[changed]))
+    assert abs(changed.mean() - 0.4) < 0.01                              # every class flips (no fixed points)
+
+
+def test_symmetric_noise_resamples_exactly_round_rN_including_the_true_class():
+    n, rate = 50_000, 0.2
+    # labels outside [0, C) reveal every resampled position: exactly round(r·N) of them
+    marked = noisy.make_noisy_labels(np.full(n, -1), 10, "symmetric", rate, seed=0)
+    assert (marked != -1).sum() == round(rate * n)
+    assert np.bincount(marked[marked != -1], minlength=10).min() > 800   # drawn uniformly from all 10 classes
+    true = np.arange(n) % 10
+    labels = noisy.make_noisy_labels(true, 10, "symmetric", rate, seed=0)
+    flips = (labels != true).sum()
+    assert flips < round(rate * n)                                       # some draws hit the true class
+    assert abs(flips - rate * n * 9 / 10) < 250                          # flip rate r·(C−1)/C
+    assert noisy.make_noisy_labels(true, 10, "none", rate, seed=0).tolist() == true.tolist()
+
+
+# ---- Sel-CL selection and loss ---------------------------------------------------------------------------------
+
+def test_selection_prefers_clean_labels_on_clustered_embeddings():
+    gen = torch.Generator().manual_seed(0)
+    num_classes, n = 5, 500
+    true = torch.arange(n) % num_classes
+    centres = torch.nn.functional.normalize(torch.randn(num_classes, 16, generator=gen), dim=1)
+    embed = torch.nn.functional.normalize(centres[true] + 0.1 * torch.randn(n, 16, generator=gen), dim=1)
+    labels = torch.from_numpy(noisy.make_noisy_labels(true.numpy(), num_classes, "symmetric", 0.5, seed=1))
+    selected, threshold = noisy.select_confident(embed, labels, num_classes, k=30, select_quantile=0.5,
+                                                 pair_quantile=0.25)
+    clean = labels == true
+    assert clean.float().mean() < 0.65 and selected.sum() > 150
+    # the per-class budget is the median number of agreeing samples, so classes with fewer clean samples than
+    # the median fill it up with their least discrepant noisy ones: purity ~0.93 here, base rate ~0.6
+    assert clean[selected].float().mean() > 0.9
+    strict, _ = noisy.select_confident(embed, labels, num_classes, k=30, select_quantile=0.0, pair_quantile=0.25)
+    assert clean[strict].all() and strict.sum() >= 0.8 * num_classes * (clean.sum() / num_classes).floor() / 1.3
+    pairs = noisy.pair_mask({"embed": embed, "selected": selected, "threshold": threshold}, labels, torch.arange(n))
+    assert (labels[:, None] == labels[None, :])[pairs].all()              # pairs share their noisy label
+    same_true = true[:, None] == true[None, :]
+    base = same_true[labels[:, None] == labels[None, :]].float().mean()
+    assert same_true[pairs].float().mean() > max(0.8, base + 0.3)         # and mostly their true class
+
+
+def test_contrastive_loss_rewards_aligned_partners():
+    b = 4
+    pairs = torch.tensor([[0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1], [0, 0, 1, 0]], dtype=torch.bool)
+    identity = (torch.arange(b), torch.arange(b))
+    aligned = torch.tensor([[1.0, 0], [1, 0], [0, 1], [0, 1]]).repeat(2, 1)         # partners share a direction
+    crossed = torch.tensor([[1.0, 0], [0, 1], [1, 0], [0, 1]]).repeat(2, 1)
+    good = noisy.selcl_contrastive_loss(aligned, pairs, identity, (1.0, 1.0), 0.1)
+    bad = noisy.selcl_contrastive_loss(crossed, pairs, identity, (1.0, 1.0), 0.1)
+    assert good.shape == (b,) and (good < bad).all()
+    # without partners the other view is the only positive; it ties with the two views of the aligned neighbour
+    # (and beats the four orthogonal ones by e^10): −log(1/3)
+    alone = noisy.selcl_contrastive_loss(aligned, torch.zeros(b, b, dtype=torch.bool), identity, (1.0, 1.0), 0.1)
+    assert torch.allclose(alone, torch.full((b,), float(np.log(3.0))), atol=1e-3)
+
+
+def test_selection_in_training_keeps_mostly_clean_samples(teacher_run):
+    records = read_log(teacher_run)
+    assert [r["stage"] for r in records] == [1, 1, 2]
+    for r in records:
+        assert r["selected"] > 0 and r["selected_clean_frac"] > r["clean_frac_all"] + 0.15
+        assert 0 <= r["top1"] <= r["top5"] <= 100 and np.isfinite(r["loss"])
+    assert "classif" not in records[0] and "classif" in records[1]        # warm-up: contrast only
+    results = json.load(open(teacher_run / "results.json"))
+    assert results["selected_clean_frac"] > 1 - results["noise_rate"] + 0.15
+    noise = json.load(open(teacher_run / "noise.json"))
+    labels = np.load(teacher_run / "noisy_labels.npy")
+    assert len(labels) == 128 and abs(noise["noise_rate"] - results["noise_rate"]) < 1e-9
+    assert np.allclose(np.sum(noise["transition_matrix"], axis=1), 1.0, atol=1e-3)
+    stage1 = torch.load(teacher_run / "stage1_model.pt", weights_only=False)
+    assert stage1["selected"].dtype == torch.bool and int(stage1["selected"].sum()) == records[1]["selected"]
+
+
+# ---- end to end ------------------------------------------------------------------------------------------------
+
+def test_teacher_to_student_adaptconf(teacher_run, tmp_path):
+    out = tmp_path / "student"
+    results = run(out, "--epochs", "2", "--finetune-epochs", "2", "--label-correction-epoch", "1", "--loss",
+                  "adaptconf", "--teacher-ckpt", str(teacher_run / "stage1_model.pt"),
+                  "--noisy-labels", str(teacher_run / "noisy_labels.npy"), "--noise-seed", "7")
+    assert (np.load(out / "noisy_labels.npy") == np.load(teacher_run / "noisy_labels.npy")).all()
+    records = read_log(out)
+    stage_two = [r for r in records if r["stage"] == 2]
+    assert len(stage_two) == 2
+    for r in stage_two:
+        assert r["distill"] > 0 and 0 < r["beta_mean"] <= 0.5 and 0 <= r["beta_frac_half"] <= 1
+        assert sum(r["beta_hist"]) == r["selected"] // 32 * 32 and len(r["beta_hist"]) == 10   # whole batches
+    assert stage_two[0]["beta_scale"] == 1.0                              # int(0.25·3) = 0: no β warm-up left
+    assert np.isfinite(results["top1"]) and results["test_images"] == 64
+
+
+@pytest.mark.parametrize("loss", ["kd", "rkd", "augconf"])
+def test_other_losses_from_a_shared_stage_one(teacher_run, tmp_path, loss):
+    results = run(tmp_path, "--epochs", "2", "--finetune-epochs", "1", "--loss", loss, "--stage1-ckpt",
+                  str(teacher_run / "stage1_model.pt"), "--teacher-ckpt", str(teacher_run / "stage1_model.pt"))
+    records = read_log(tmp_path)
+    assert [r["epoch"] for r in records] == [2] and records[0]["stage"] == 2 and records[0]["distill"] > 0
+    assert results["stage1_top1"] == read_log(teacher_run)[1]["top1"] and np.isfinite(results["top1"])
+
+
+def test_eval_only_matches_the_logged_accuracy(teacher_run, tmp_path):
+    result = noisy.main(noisy.parse_args(TINY + ["--eval-only", str(teacher_run / "checkpoint.pt"),
+                                                 "--out", str(tmp_path)]))
+    assert result["top1"] == pytest.approx(read_log(teacher_run)[-1]["top1"])
+    assert json.load(open(tmp_path / "results.json"))["test_images"] == 64
+
+
+def test_torchrun_two_processes_count_every_test_image_once(teacher_run, tmp_path):
+    args = [a if a != "64" else "63" for a in TINY] + ["--batch-size", "16", "--epochs", "2", "--finetune-epochs",
+                                                        "1", "--loss", "kd", "--out", str(tmp_path),
+                                                        "--teacher-ckpt", str(teacher_run / "stage1_model.pt")]
+    proc = run_torchrun("noisy.py", args)
+    assert "global batch 32 (16 × 2)" in proc.stdout
+    results = json.load(open(tmp_path / "results.json"))
+    assert results["test_images"] == 63                                  # odd count: no padding, no duplicates
+    assert len(read_log(tmp_path)) == 3 and results["selected"] > 0
+
+
+def test_resume_reproduces_an_uninterrupted_run(teacher_run, tmp_path):
+    straight, interrupted = teacher_run, tmp_path / "interrupted"           # the teacher ran the same 3 epochs
+    run(interrupted, "--epochs", "1", "--finetune-epochs", "0")        # stopped after the warm-up epoch
+    run(interrupted, "--epochs", "2", "--finetune-epochs", "1", "--resume")   # crosses into stage two
+    a = torch.load(straight / "checkpoint.pt", weights_only=False)
+    b = torch.load(interrupted / "checkpoint.pt", weights_only=False)
+    assert a["epoch"] == b["epoch"] == 3
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
+    assert torch.equal(a["selection"]["selected"], b["selection"]["selected"])
+    assert [r["epoch"] for r in read_log(interrupted)] == [0, 1, 2]
+    assert read_log(interrupted)[-1]["loss"] == read_log(straight)[-1]["loss"]
+
+
+# ---- errors ----------------------------------------------------------------------------------------------------
+
+def test_bad_inputs_stop_with_clear_messages(teacher_run, tmp_path):
+    with pytest.raises(FileNotFoundError, match="cifar-100-python"):
+        noisy.main(noisy.parse_args(["--dataset", "cifar100", "--data-dir", str(tmp_path)]))
+    bad = tmp_path / "cifar-10-batches-py"
+    bad.mkdir()
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        (bad / name).write_bytes(b"not a pickle")
+    with pytest.raises(ValueError, match="not a CIFAR python pickle"):
+        noisy.load_cifar(str(tmp_path), "cifar10")
+    with pytest.raises(SystemExit):
+        noisy.parse_args(["--model", "resnet50"])
+    with pytest.raises(SystemExit, match="--teacher-ckpt"):
+        run(tmp_path / "a", "--loss", "kd")
+    state = torch.load(teacher_run / "stage1_model.pt", weights_only=False)
+    state["model"]["linear2.weight"] = torch.zeros(7, 64)
+    torch.save(state, tmp_path / "wrong_classes.pt")
+    with pytest.raises(SystemExit, match="classifies 7 classes but the data has 4"):
+        run(tmp_path / "b", "--loss", "kd", "--teacher-ckpt", str(tmp_path / "wrong_classes.pt"))
+    np.save(tmp_path / "short.npy", np.zeros(10, dtype=np.int64))
+    with pytest.raises(ValueError, match="another data set or subset"):
+        run(tmp_path / "c", "--noisy-labels", str(tmp_path / "short.npy"))
+    with pytest.raises(ValueError, match="--stage1-ckpt"):
+        run(tmp_path / "d", "--epochs", "0")
+    with pytest.raises(ValueError, match="no selection for these noisy labels"):     # other noise seed
+        run(tmp_path / "f", "--noise-seed", "3", "--stage1-ckpt", str(teacher_run / "stage1_model.pt"))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        run(tmp_path / "g", "--stage1-ckpt", str(tmp_path / "missing.pt"))
+    state = torch.load(teacher_run / "stage1_model.pt", weights_only=False)
+    state["selected"][:] = False
+    torch.save(state, tmp_path / "nothing_selected.pt")
+    with pytest.raises(ValueError, match="selected only 0 confident examples"):
+        run(tmp_path / "h", "--stage1-ckpt", str(tmp_path / "nothing_selected.pt"))
+    with pytest.raises(ValueError, match="do not fill one batch"):
+        run(tmp_path / "e", "--epochs", "1", "--finetune-epochs", "0", "--batch-size", "256")
+    with pytest.raises(SystemExit):
+        noisy.parse_args(["--noise-rate", "1.5"])
+
+
+def test_benchmark_times_both_stages(teacher_run, capsys):
+    noisy.main(noisy.parse_args(TINY + ["--benchmark", "1", "--batch-size", "8", "--loss", "adaptconf",
+                                        "--teacher-ckpt", str(teacher_run / "stage1_model.pt")]))
+    printed = capsys.readouterr().out
+    assert "benchmark stage one (Sel-CL)" in printed and "benchmark stage two (Sel-CL+)" in printed
+    assert "images/s" in printed
+
+
+def test_cifar10_pickles_and_asymmetric_noise_end_to_end(tmp_path):
+    """A miniature CIFAR-10 in the standard pickle layout: the loader, the asymmetric map and a short run."""
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    images = noisy.synthetic_data(10, 200, 30)                          # learnable colour/stripe classes
+    for i, name in enumerate([f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]):
+        x, y = (images["train_x"][40 * i:40 * i + 40], images["train_y"][40 * i:40 * i + 40]) if i < 5 else \
+            (images["test_x"], images["test_y"])
+        with open(folder / name, "wb") as f:
+            pickle.dump({"data": x.reshape(len(x), 3072), "labels": y.tolist()}, f)
+    data = noisy.load_cifar(str(tmp_path), "cifar10")
+    assert data["train_x"].shape == (200, 3, 32, 32) and data["test_y"].shape == (30,)
+    out = tmp_path / "run"
+    noisy.main(noisy.parse_args(["--dataset", "cifar10", "--data-dir", str(tmp_path), "--noise-type", "asymmetric",
+                                 "--noise-rate", "0.4", "--model", "preact_resnet18_w8", "--batch-size", "50",
+                                 "--epochs", "1", "--finetune-epochs", "0", "--knn-k", "10", "--lr-warmup-epochs", "0",
+                                 "--out", str(out)]))
+    noise = json.load(open(out / "noise.json"))
+    matrix = np.array(noise["transition_matrix"])
+    off_diagonal = {(i, j) for i, j in zip(*np.nonzero(matrix)) if i != j}
+    assert off_diagonal and off_diagonal <= {(9, 1), (2, 0), (4, 7), (3, 5), (5, 3)}
+    record = read_log(out)[0]
+    assert record["selected"] > 0 and 0 <= record["top1"] <= record["top5"] <= 100
