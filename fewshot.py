@@ -163,6 +163,15 @@ def load_weights(model, state_dict, what):
     model.load_state_dict(state_dict, strict=True)
 
 
+def broadcast_buffers(model):
+    """Copies rank 0's buffers (BatchNorm running statistics) to every process; call before evaluating. DDP syncs them
+    only at the start of each training forward, so after an epoch each process holds those of its own last batch,
+    and without this the shards would be scored by slightly different models, none of them the one rank 0 saves."""
+    if dist.is_available() and dist.is_initialized():
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
+
+
 def check_finite(loss, epoch, step):
     """Stops the run at the first NaN/inf loss, saying where (one host sync)."""
     if not torch.isfinite(loss).item():
@@ -557,6 +566,7 @@ def mean_ci(accuracies):
 
 def evaluate(encoder, split, per_class, args, episodes, rank, world_size, device, use_amp):
     """{"<k>shot": mean %, "<k>shot_ci": 95% CI %} for k in (1, 5) on `episodes` seeded episodes of a split."""
+    broadcast_buffers(encoder)     # every process extracts features with rank 0's BatchNorm statistics
     features = extract_features(encoder, split[0], args, rank, world_size, device, use_amp)
     result = {}
     for shot in (1, 5):

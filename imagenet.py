@@ -154,6 +154,15 @@ def load_weights(model, state_dict, what):
     model.load_state_dict(state_dict, strict=True)
 
 
+def broadcast_buffers(model):
+    """Copies rank 0's buffers (BatchNorm running statistics) to every process; call before evaluating. DDP syncs them
+    only at the start of each training forward, so after an epoch each process holds those of its own last batch,
+    and without this the shards would be scored by slightly different models, none of them the one rank 0 saves."""
+    if dist.is_available() and dist.is_initialized():
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
+
+
 def check_finite(loss, epoch, step):
     """Stops the run at the first NaN/inf loss, saying where (one host sync)."""
     if not torch.isfinite(loss).item():
@@ -490,16 +499,6 @@ def train_one_epoch(args, model, teacher, optimizer, loader, epoch, device):
         record["beta_hist"] = (beta_hist / beta_stats[2]).tolist()
     record["train_images"] = int(totals[-1].item())
     return record
-
-
-@torch.no_grad()
-def broadcast_buffers(net):
-    """Copies rank 0's BatchNorm running statistics to every process. DDP does this at the start of each training
-    forward only, so after an epoch each process holds the statistics of its own last batches; without this, the
-    shards would be evaluated with different models and rank 1 would not evaluate the model that rank 0 saves."""
-    if dist.is_available() and dist.is_initialized():
-        for buffer in net.buffers():
-            dist.broadcast(buffer, src=0)
 
 
 @torch.no_grad()

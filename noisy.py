@@ -176,6 +176,15 @@ def load_weights(model, state_dict, what):
     model.load_state_dict(state_dict, strict=True)
 
 
+def broadcast_buffers(model):
+    """Copies rank 0's buffers (BatchNorm running statistics) to every process; call before evaluating. DDP syncs them
+    only at the start of each training forward, so after an epoch each process holds those of its own last batch,
+    and without this the shards would be scored by slightly different models, none of them the one rank 0 saves."""
+    if dist.is_available() and dist.is_initialized():
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
+
+
 def check_finite(loss, epoch, step):
     """Stops the run at the first NaN/inf loss, saying where (one host sync)."""
     if not torch.isfinite(loss).item():
@@ -728,6 +737,7 @@ def train_one_epoch_finetune(ddp_model, raw_model, teacher, optimizer, data, sel
 def evaluate(raw_model, x, y, ctx, batch_size=500):
     """(top-1, top-5) in percent of the classifier on the test set; each process takes rows rank::world_size and
     the correct counts are summed, so every test image counts exactly once."""
+    broadcast_buffers(raw_model)   # every process scores its shard with rank 0's BatchNorm statistics
     raw_model.eval()
     rows = torch.arange(ctx["rank"], len(y), ctx["world_size"], device=y.device)
     counts = torch.zeros(3, device=y.device)                 # top-1 hits, top-5 hits, images

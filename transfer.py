@@ -155,6 +155,15 @@ def load_weights(model, state_dict, what):
     model.load_state_dict(state_dict, strict=True)
 
 
+def broadcast_buffers(model):
+    """Copies rank 0's buffers (BatchNorm running statistics) to every process; call before evaluating. DDP syncs them
+    only at the start of each training forward, so after an epoch each process holds those of its own last batch,
+    and without this the shards would be scored by slightly different models, none of them the one rank 0 saves."""
+    if dist.is_available() and dist.is_initialized():
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
+
+
 def check_finite(loss, epoch, step):
     """Stops the run at the first NaN/inf loss, saying where (one host sync)."""
     if not torch.isfinite(loss).item():
