@@ -1,0 +1,1030 @@
+"""Weak-to-strong distillation on CIFAR-100 / CIFAR-10: the paper's Tables 1, 2a, 2b and Figures 2-3.
+
+Trains a teacher (`--loss ce`) or distils a frozen weak teacher into a stronger student with one of
+kd | fitnet | rkd | reviewkd | dkd | augconf (Eq. 1, Burns 2023) | adaptconf (Eq. 2, the paper's AdaptConf), on the
+RepDistiller/mdistiller CIFAR model zoo (published teacher checkpoints load with strict=True).
+
+    # a weak teacher, then a strong student distilled from it (Table 1, first column)
+    python cifar.py --data-dir ../shared/data --model resnet20 --loss ce --out runs/t_resnet20
+    python cifar.py --data-dir ../shared/data --model resnet56 --loss adaptconf \
+        --teacher resnet20 --teacher-ckpt runs/t_resnet20/checkpoint.pt --out runs/resnet56_adaptconf
+    # the paper's setting: 8 GPUs x 64 = global batch 512, lr 0.2
+    torchrun --nproc_per_node=8 cifar.py --data-dir ../shared/data --model resnet32x4 --loss adaptconf \
+        --teacher ShuffleV1 --teacher-ckpt runs/t_shufflev1/checkpoint.pt --out runs/r32x4_adaptconf
+    # teacher-only training (Table 2b): labels are only used for evaluation
+    python cifar.py ... --gt-weight 0
+    # no data at hand: the whole pipeline on a small learnable in-memory data set, under a minute on a CPU
+    python cifar.py --dataset synthetic --model resnet8 --epochs 3 --batch-size 64
+    # throughput of one training step (student + teacher + loss + augmentation), synthetic tensors
+    python cifar.py --benchmark 50 --model resnet32x4 --teacher ShuffleV1 --loss adaptconf --batch-size 512
+
+Paper (Vision Superalignment, arXiv 2402.03749), CIFAR-100 top-1, mean of 3 runs: e.g. resnet20 (68.93) -> resnet56
+72.94 from scratch, 74.17 with AdaptConf (Table 1); ShuffleV1 (72.40) -> resnet32x4 79.90 / 80.99 (Table 2a), 78.48
+without labels (Table 2b). Throughput: unmeasured here (no GPU in the session that wrote this file); the target is
+>= 20,000 images/s for resnet32x4 + ShuffleV1 + adaptconf at batch 512 on one H100/H200.
+
+Recipe (defaults = the paper's appendix and official code): 240 epochs, SGD with Nesterov momentum 0.9 (timm's "sgd",
+as the official code), weight decay 5e-4 on weights but not on biases/BN (timm's default), lr 0.2 for a global batch
+of 512 with 10 linear warm-up epochs then cosine to 2e-3, both applied per step. The lr scales linearly with the
+global batch: lr_used = --lr x (batch-size x processes) / 512 (Goyal et al. 2017), printed at start. Augmentation
+`--augment paper`: random-resized-crop to 32 (scale 0.08-1, ratio 3/4-4/3) + flip, evaluation on resize-36 /
+centre-crop-32; `--augment classic` (mdistiller/RepDistiller): pad-4 random crop + flip, raw evaluation. The whole
+training set stays on the device as uint8 and is augmented there in batches (no DataLoader).
+
+Outputs (--out DIR, rank 0): log.jsonl (per epoch: lr, loss terms, top1/top5, images evaluated, images/s; for
+adaptconf the β of Eq. 2 on the test set: mean, fraction = 0.5, 10-bin histogram = Figure 3), results.json and an
+atomic checkpoint.pt each epoch (usable as --teacher-ckpt); --resume continues it exactly; --eval-only CKPT evaluates.
+
+Intermediate features: `model(x, features=True)` returns (logits, [stage maps shallow -> deep..., pooled embedding]);
+the maps are the outputs of each stage after the stem (mdistiller's feats[1:]), the embedding is the (B, D) input of
+the classifier. FitNet regresses student maps onto teacher maps (all stages as in the official code, or the middle
+one as in mdistiller), RKD uses the embeddings, ReviewKD fuses all maps plus the embedding (as a 1x1 map).
+"""
+import argparse
+import json
+import math
+import os
+import pickle
+import random
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+
+from common import (FeatureRegressor, ReviewKDFusion, adaptconf_beta, adaptconf_loss, augconf_alpha, augconf_loss,
+                    dkd_loss, hcl_loss, hint_loss, kd_loss, rkd_loss, topk_correct)
+
+# ---- shared: DDP, seeding, logging, checkpoints ---------------------------------------------------------------
+# Copied on purpose, identically, into every script of this repository (tests/test_copies.py keeps the copies equal),
+# so that each script reads end to end on its own. Edit all copies together.
+
+def setup_distributed():
+    """Returns (rank, world_size, device). torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; plain `python` is rank 0 of 1."""
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rank, world_size, local_rank = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo")
+    return rank, world_size, device
+
+
+def cleanup_distributed():
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(tensor):
+    """Sums a tensor over all processes in place (no-op without DDP) and returns it."""
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def log_record(out_dir, record):
+    """Prints one readable line and appends the same fields as one JSON object to <out_dir>/log.jsonl (rank 0 only)."""
+    print("  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                    for k, v in record.items() if not isinstance(v, (list, dict))), flush=True)
+    if out_dir:
+        with open(os.path.join(out_dir, "log.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def trim_log(out_dir, start_epoch):
+    """On resume, drops log lines of epochs >= start_epoch (written after the checkpoint that is resumed)."""
+    path = os.path.join(out_dir, "log.jsonl")
+    if os.path.exists(path):
+        with open(path) as f:
+            kept = [line for line in f if line.strip() and json.loads(line).get("epoch", -1) < start_epoch]
+        save_atomic("".join(kept), path)
+
+
+def save_atomic(obj, path):
+    """Writes to a temporary name, then renames: a killed run never leaves a half-written file. Strings are written
+    as text, dicts of plain values as JSON when `path` ends in .json, everything else with torch.save."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    if isinstance(obj, str):
+        with open(tmp, "w") as f:
+            f.write(obj)
+    elif path.endswith(".json"):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2)
+    else:
+        torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_state_dict(path):
+    """Reads a checkpoint written by this repository, RepDistiller, mdistiller, the official code or torchvision:
+    {"model": sd}, {"state_dict": sd}, {"net": sd} or a bare state_dict, with or without a "module." prefix."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path} does not exist; pass the path of a trained model's checkpoint")
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    for key in ("model", "state_dict", "net"):
+        if isinstance(ckpt, dict) and isinstance(ckpt.get(key), dict):
+            ckpt = ckpt[key]
+            break
+    if not isinstance(ckpt, dict) or not all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+        raise ValueError(f"{path} holds no state_dict (looked for 'model', 'state_dict', 'net' or a bare dict of "
+                         "tensors); pass a checkpoint saved from a model")
+    return {k.removeprefix("module."): v for k, v in ckpt.items()}
+
+
+def load_weights(model, state_dict, what):
+    """Strict load that names the first missing, unexpected or mismatching tensor instead of listing hundreds."""
+    own = model.state_dict()
+    for name, tensor in own.items():
+        if name not in state_dict:
+            raise ValueError(f"{what}: tensor '{name}' is missing from the checkpoint; is it for a different model?")
+        if state_dict[name].shape != tensor.shape:
+            raise ValueError(f"{what}: tensor '{name}' has shape {tuple(state_dict[name].shape)} in the checkpoint but "
+                             f"{tuple(tensor.shape)} in the model; check the model name and the number of classes")
+    for name in state_dict:
+        if name not in own:
+            raise ValueError(f"{what}: the checkpoint has tensor '{name}' that the model lacks; is it for a different "
+                             "model?")
+    model.load_state_dict(state_dict, strict=True)
+
+
+def broadcast_buffers(model):
+    """Copies rank 0's buffers (BatchNorm running statistics) to every process; call before evaluating. DDP syncs them
+    only at the start of each training forward, so after an epoch each process holds those of its own last batch,
+    and without this the shards would be scored by slightly different models, none of them the one rank 0 saves."""
+    if dist.is_available() and dist.is_initialized():
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
+
+
+def check_finite(loss, epoch, step):
+    """Stops the run at the first NaN/inf loss, saying where (one host sync)."""
+    if not torch.isfinite(loss).item():
+        raise FloatingPointError(f"the loss became {loss.item()} at epoch {epoch}, step {step}; lower --lr, or check "
+                                 "the data and the teacher checkpoint")
+# ---- end shared --------------------------------------------------------------------------------------------------
+
+
+# ================================================================================================================
+# Models: the RepDistiller CIFAR zoo (also mdistiller's and the official code's). Module names and shapes follow the
+# published code exactly, so their checkpoints load with strict=True; parameter counts are in REFERENCE.md §3.
+# Every model shares CifarNet.forward: stem -> stages -> pre_pool -> global average pool -> classifier.
+# ================================================================================================================
+
+def bn(c):
+    return nn.BatchNorm2d(c)
+
+
+def conv(cin, cout, k=3, stride=1, groups=1, bias=False):
+    return nn.Conv2d(cin, cout, k, stride, padding=k // 2, groups=groups, bias=bias)
+
+
+def channel_shuffle(x, groups):   # (B, g·c, H, W) -> (B, c·g, H, W)
+    return x.unflatten(1, (groups, -1)).transpose(1, 2).flatten(1, 2)
+
+
+class CifarNet(nn.Module):
+    head = "fc"   # name of the classifier, as published
+
+    def stem(self, x):
+        return F.relu(self.bn1(self.conv1(x)))
+
+    def stages(self):   # callables, shallow -> deep
+        return [getattr(self, f"layer{i}") for i in range(1, 5) if hasattr(self, f"layer{i}")]
+
+    def pre_pool(self, x):
+        return x
+
+    def forward(self, x, features=False):
+        """(B, 3, H, W) -> (B, classes) logits; with features=True also [stage maps..., (B, D) embedding]."""
+        maps, x = [], self.stem(x)
+        for stage in self.stages():
+            x = stage(x)
+            maps.append(x)
+        embed = F.adaptive_avg_pool2d(self.pre_pool(x), 1).flatten(1)   # (B, D); = the published fixed-size pools at 32
+        logits = getattr(self, self.head)(embed)
+        return (logits, maps + [embed]) if features else logits
+
+    def init_like_repdistiller(self):
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):   # N(0, sqrt(2 / (k·k·out))), i.e. Kaiming fan-out
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        return self
+
+
+class ResBlock(nn.Module):
+    """Basic block (3x3, 3x3) or bottleneck (1x1, 3x3, 1x1 with 4x expansion) with a projection shortcut when the
+    shape changes, named `downsample` in RepDistiller's resnet.py and `shortcut` in its resnetv2.py."""
+
+    def __init__(self, cin, planes, stride, shortcut, bottleneck):
+        super().__init__()
+        out, self.shortcut_name = planes * (4 if bottleneck else 1), shortcut
+        self.conv1, self.bn1 = conv(cin, planes, 1 if bottleneck else 3, 1 if bottleneck else stride), bn(planes)
+        self.conv2, self.bn2 = conv(planes, planes, 3, stride if bottleneck else 1), bn(planes)
+        if bottleneck:
+            self.conv3, self.bn3 = conv(planes, out, 1), bn(out)
+        needs = stride != 1 or cin != out   # an empty Sequential is the identity and holds no tensors
+        setattr(self, shortcut, nn.Sequential(conv(cin, out, 1, stride), bn(out)) if needs else nn.Sequential())
+
+    def forward(self, x):
+        out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+        if hasattr(self, "conv3"):
+            out = self.bn3(self.conv3(F.relu(out)))
+        return F.relu(out + getattr(self, self.shortcut_name)(x))
+
+
+class ResNet(CifarNet):
+    """resnet8..110, resnet8x4/32x4 (RepDistiller resnet.py: 3 stages, `fc`, shortcut `downsample`) and
+    ResNet18/50 (resnetv2.py: 64-wide stem, 4 stages, `linear`, shortcut `shortcut`)."""
+
+    def __init__(self, widths, depths, num_classes, stem, head="fc", shortcut="downsample", bottleneck=False):
+        super().__init__()
+        self.head = head
+        self.conv1, self.bn1 = conv(3, stem), bn(stem)
+        cin = stem
+        for i, (width, depth) in enumerate(zip(widths, depths)):
+            blocks = []
+            for j in range(depth):
+                blocks.append(ResBlock(cin, width, 2 if i > 0 and j == 0 else 1, shortcut, bottleneck))
+                cin = width * (4 if bottleneck else 1)
+            setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
+        setattr(self, head, nn.Linear(cin, num_classes))
+        self.init_like_repdistiller()
+
+
+class WRNBlock(nn.Module):
+    """Pre-activation wide block (wrn.py BasicBlock); `convShortcut` when the width changes."""
+
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.bn1, self.conv1 = bn(cin), conv(cin, cout, 3, stride)
+        self.bn2, self.conv2 = bn(cout), conv(cout, cout)
+        self.convShortcut = None if cin == cout else conv(cin, cout, 1, stride)
+
+    def forward(self, x):
+        act = F.relu(self.bn1(x))
+        out = self.conv2(F.relu(self.bn2(self.conv1(act))))
+        return out + (x if self.convShortcut is None else self.convShortcut(act))
+
+
+class WideResNet(CifarNet):
+    def __init__(self, depth, widen, num_classes):
+        super().__init__()
+        n, widths = (depth - 4) // 6, [16, 16 * widen, 32 * widen, 64 * widen]
+        self.conv1 = conv(3, 16)
+        for i in range(3):   # blockK.layer.j, as in wrn.py's NetworkBlock
+            group = nn.Module()
+            group.layer = nn.Sequential(*[WRNBlock(widths[i] if j == 0 else widths[i + 1], widths[i + 1],
+                                                   (1 if i == 0 else 2) if j == 0 else 1) for j in range(n)])
+            setattr(self, f"block{i + 1}", group)
+        self.bn1, self.fc = bn(widths[3]), nn.Linear(widths[3], num_classes)
+        self.init_like_repdistiller()
+
+    def stem(self, x):
+        return self.conv1(x)
+
+    def stages(self):
+        return [self.block1.layer, self.block2.layer, self.block3.layer]
+
+    def pre_pool(self, x):
+        return F.relu(self.bn1(x))
+
+
+VGG_CONFIGS = {8: [[64], [128], [256], [512], [512]], 11: [[64], [128], [256, 256], [512, 512], [512, 512]],
+               13: [[64, 64], [128, 128], [256, 256], [512, 512], [512, 512]],
+               16: [[64, 64], [128, 128], [256] * 3, [512] * 3, [512] * 3],
+               19: [[64, 64], [128, 128], [256] * 4, [512] * 4, [512] * 4]}
+
+
+class VGG(CifarNet):
+    """vgg.py with batch norm: block0..block4 of (conv with bias, BN, ReLU), the last ReLU of each block applied in
+    forward; max-pool after blocks 0-2 (pool3 only runs for 64x64 inputs, so never on CIFAR); `classifier`."""
+    head = "classifier"
+
+    def __init__(self, depth, num_classes):
+        super().__init__()
+        cin = 3
+        for i, widths in enumerate(VGG_CONFIGS[depth]):
+            layers = []
+            for w in widths:
+                layers += [conv(cin, w, bias=True), bn(w), nn.ReLU(inplace=True)]
+                cin = w
+            setattr(self, f"block{i}", nn.Sequential(*layers[:-1]))
+        self.classifier = nn.Linear(512, num_classes)
+        self.init_like_repdistiller()
+
+    def stem(self, x):
+        return F.relu(self.block0(x))
+
+    def stages(self):
+        pool = lambda block: (lambda x: F.relu(block(F.max_pool2d(x, 2))))
+        return [pool(self.block1), pool(self.block2), pool(self.block3), lambda x: F.relu(self.block4(x))]
+
+
+class ShuffleV1Block(nn.Module):
+    def __init__(self, cin, cout, stride, groups):
+        super().__init__()
+        mid, self.g1, self.stride = cout // 4, 1 if cin == 24 else groups, stride
+        self.conv1, self.bn1 = conv(cin, mid, 1, groups=self.g1), bn(mid)
+        self.conv2, self.bn2 = conv(mid, mid, 3, stride, groups=mid), bn(mid)
+        self.conv3, self.bn3 = conv(mid, cout, 1, groups=groups), bn(cout)
+
+    def forward(self, x):
+        out = channel_shuffle(F.relu(self.bn1(self.conv1(x))), self.g1)
+        out = self.bn3(self.conv3(F.relu(self.bn2(self.conv2(out)))))
+        if self.stride == 2:   # downsampling unit: concatenate an average-pooled shortcut
+            return F.relu(torch.cat([out, F.avg_pool2d(x, 3, 2, 1)], 1))
+        return F.relu(out + x)
+
+
+class ShuffleV1(CifarNet):
+    head = "linear"
+
+    def __init__(self, num_classes, widths=(240, 480, 960), depths=(4, 8, 4), groups=3):
+        super().__init__()
+        self.conv1, self.bn1, cin = conv(3, 24, 1), bn(24), 24
+        for i, (w, d) in enumerate(zip(widths, depths)):   # first block: stride 2, its w - cin outputs joined to cin
+            blocks = [ShuffleV1Block(cin, w - cin, 2, groups)] + [ShuffleV1Block(w, w, 1, groups) for _ in range(d - 1)]
+            setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
+            cin = w
+        self.linear = nn.Linear(widths[-1], num_classes)
+
+
+class ShuffleV2Block(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        c //= 2
+        self.conv1, self.bn1 = conv(c, c, 1), bn(c)
+        self.conv2, self.bn2 = conv(c, c, 3, groups=c), bn(c)
+        self.conv3, self.bn3 = conv(c, c, 1), bn(c)
+
+    def forward(self, x):
+        x1, x2 = x.chunk(2, dim=1)
+        out = F.relu(self.bn3(self.conv3(self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x2))))))))
+        return channel_shuffle(torch.cat([x1, out], 1), 2)
+
+
+class ShuffleV2Down(nn.Module):
+    def __init__(self, cin, cout):
+        super().__init__()
+        mid = cout // 2
+        self.conv1, self.bn1 = conv(cin, cin, 3, 2, groups=cin), bn(cin)        # left: depthwise s2, 1x1
+        self.conv2, self.bn2 = conv(cin, mid, 1), bn(mid)
+        self.conv3, self.bn3 = conv(cin, mid, 1), bn(mid)                       # right: 1x1, depthwise s2, 1x1
+        self.conv4, self.bn4 = conv(mid, mid, 3, 2, groups=mid), bn(mid)
+        self.conv5, self.bn5 = conv(mid, mid, 1), bn(mid)
+
+    def forward(self, x):
+        left = F.relu(self.bn2(self.conv2(self.bn1(self.conv1(x)))))
+        right = F.relu(self.bn5(self.conv5(self.bn4(self.conv4(F.relu(self.bn3(self.conv3(x))))))))
+        return channel_shuffle(torch.cat([left, right], 1), 2)
+
+
+class ShuffleV2(CifarNet):
+    head = "linear"
+
+    def __init__(self, num_classes, widths=(116, 232, 464), depths=(3, 7, 3), last=1024):
+        super().__init__()
+        self.conv1, self.bn1, cin = conv(3, 24, 1), bn(24), 24
+        for i, (w, d) in enumerate(zip(widths, depths)):
+            setattr(self, f"layer{i + 1}", nn.Sequential(ShuffleV2Down(cin, w), *[ShuffleV2Block(w) for _ in range(d)]))
+            cin = w
+        self.conv2, self.bn2 = conv(cin, last, 1), bn(last)
+        self.linear = nn.Linear(last, num_classes)
+
+    def pre_pool(self, x):
+        return F.relu(self.bn2(self.conv2(x)))
+
+
+class InvertedResidual(nn.Module):
+    def __init__(self, cin, cout, stride, expand):
+        super().__init__()
+        hidden, self.residual = cin * expand, stride == 1 and cin == cout
+        self.conv = nn.Sequential(conv(cin, hidden, 1), bn(hidden), nn.ReLU(inplace=True),
+                                  conv(hidden, hidden, 3, stride, groups=hidden), bn(hidden), nn.ReLU(inplace=True),
+                                  conv(hidden, cout, 1), bn(cout))
+
+    def forward(self, x):
+        return x + self.conv(x) if self.residual else self.conv(x)
+
+
+class MobileNetV2(CifarNet):
+    """mobilenetv2.py, `mobile_half`: width 0.5, expansion 6, stride-2 stem; stages end at blocks 1, 2, 4, 6."""
+    head = "classifier"
+
+    def __init__(self, num_classes, expand=6, width=0.5):
+        super().__init__()
+        setting = [(1, 16, 1, 1), (expand, 24, 2, 1), (expand, 32, 3, 2), (expand, 64, 4, 2), (expand, 96, 3, 1),
+                   (expand, 160, 3, 2), (expand, 320, 1, 1)]   # (expansion, channels, blocks, stride)
+        cin = int(32 * width)
+        self.conv1 = nn.Sequential(conv(3, cin, 3, 2), bn(cin), nn.ReLU(inplace=True))
+        self.blocks = nn.ModuleList()
+        for t, c, n, s in setting:
+            cout = int(c * width)
+            self.blocks.append(nn.Sequential(*[InvertedResidual(cin if j == 0 else cout, cout, s if j == 0 else 1, t)
+                                               for j in range(n)]))
+            cin = cout
+        self.conv2 = nn.Sequential(conv(cin, 1280, 1), bn(1280), nn.ReLU(inplace=True))
+        self.classifier = nn.Sequential(nn.Linear(1280, num_classes))
+        self.init_like_repdistiller()
+
+    def stem(self, x):
+        return self.conv1(x)
+
+    def stages(self):
+        b = self.blocks
+        return [nn.Sequential(b[0], b[1]), b[2], nn.Sequential(b[3], b[4]), nn.Sequential(b[5], b[6])]
+
+    def pre_pool(self, x):
+        return self.conv2(x)
+
+
+MODELS = {
+    **{f"resnet{d}": (lambda d: lambda nc: ResNet([16, 32, 64], [(d - 2) // 6] * 3, nc, 16))(d)
+       for d in (8, 14, 20, 32, 44, 56, 110)},
+    "resnet8x4": lambda nc: ResNet([64, 128, 256], [1] * 3, nc, 32),
+    "resnet32x4": lambda nc: ResNet([64, 128, 256], [5] * 3, nc, 32),
+    **{f"wrn_{d}_{w}": (lambda d, w: lambda nc: WideResNet(d, w, nc))(d, w) for d in (16, 40) for w in (1, 2)},
+    **{f"vgg{d}": (lambda d: lambda nc: VGG(d, nc))(d) for d in (8, 11, 13, 16, 19)},
+    "ShuffleV1": ShuffleV1,
+    "ShuffleV2": ShuffleV2,
+    "MobileNetV2": MobileNetV2,
+    "ResNet18": lambda nc: ResNet([64, 128, 256, 512], [2, 2, 2, 2], nc, 64, "linear", "shortcut"),
+    "ResNet50": lambda nc: ResNet([64, 128, 256, 512], [3, 4, 6, 3], nc, 64, "linear", "shortcut", True),
+}
+
+
+def build_model(name, num_classes):
+    if name not in MODELS:
+        raise ValueError(f"unknown model '{name}'; choose one of: {', '.join(MODELS)}")
+    return MODELS[name](num_classes)
+
+
+# ================================================================================================================
+# Data: uint8 tensors resident on the device, augmented there in batches
+# ================================================================================================================
+
+MEAN_STD = {"cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+            "default": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))}   # CIFAR-100's, also for folder/synthetic
+CIFAR_FILES = {   # folder, training files, test files, label key, classes
+    "cifar100": ("cifar-100-python", ["train"], ["test"], "fine_labels", 100),
+    "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], "labels", 10)}
+
+
+def read_cifar(data_dir, dataset):
+    """The python-pickle release read directly: (train_x, train_y, test_x, test_y, classes); x uint8 (N, 3, 32, 32)."""
+    folder, train_files, test_files, label_key, classes = CIFAR_FILES[dataset]
+    root = os.path.join(data_dir, folder)
+    if not os.path.isdir(root) and os.path.isfile(os.path.join(data_dir, test_files[0])):
+        root = data_dir   # --data-dir may also point at the extracted folder itself
+    missing = [f for f in train_files + test_files if not os.path.isfile(os.path.join(root, f))]
+    if missing:
+        raise FileNotFoundError(f"{dataset} not found: expected {os.path.join(data_dir, folder)}/ holding "
+                                f"{', '.join(train_files + test_files)} (the 'python version' from "
+                                "https://www.cs.toronto.edu/~kriz/cifar.html); fix --data-dir or add --download")
+
+    def read(files):
+        xs, ys = [], []
+        for name in files:
+            path = os.path.join(root, name)
+            try:
+                with open(path, "rb") as f:
+                    entry = pickle.load(f, encoding="latin1")
+                x = np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+                y = np.asarray(entry[label_key], dtype=np.int64)
+            except Exception as e:
+                raise ValueError(f"{path} is not a CIFAR python-pickle file with 'data' (N x 3072 uint8) and "
+                                 f"'{label_key}' ({type(e).__name__}: {e}); download it again with --download") from e
+            if len(x) != len(y) or len(y) == 0 or y.min() < 0 or y.max() >= classes:
+                raise ValueError(f"{path} holds {len(x)} images and {len(y)} labels in [0, {classes}) expected; "
+                                 "download it again with --download")
+            xs.append(x)
+            ys.append(y)
+        return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
+
+    return (*read(train_files), *read(test_files), classes)
+
+
+def read_folder(data_dir, size=32):
+    """train/<class>/* and test/<class>/* image trees, resized to size x size; classes = sorted train folders."""
+    from PIL import Image
+    train_dir = os.path.join(data_dir, "train")
+    if not os.path.isdir(train_dir) or not os.path.isdir(os.path.join(data_dir, "test")):
+        raise FileNotFoundError(f"expected image folders {data_dir}/train/<class>/* and {data_dir}/test/<class>/*; "
+                                "fix --data-dir")
+    classes = sorted(d for d in os.listdir(train_dir) if os.path.isdir(os.path.join(train_dir, d)))
+
+    def read(split):
+        xs, ys = [], []
+        for label, name in enumerate(classes):
+            folder = os.path.join(data_dir, split, name)
+            for file in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+                with Image.open(os.path.join(folder, file)) as img:
+                    xs.append(np.asarray(img.convert("RGB").resize((size, size), Image.BILINEAR)))
+                ys.append(label)
+        if not xs:
+            raise ValueError(f"no images found under {data_dir}/{split}/<class>/ for the classes {classes[:5]}...; "
+                             "every split needs images in the same class folders as train")
+        return torch.from_numpy(np.stack(xs)).permute(0, 3, 1, 2).contiguous(), torch.tensor(ys)
+
+    return (*read("train"), *read("test"), len(classes))
+
+
+def make_synthetic(classes=10, train=2048, test=1000, seed=1234):
+    """A small learnable data set: per class a colour and a stripe orientation/frequency, plus pixel noise."""
+    rng = np.random.default_rng(seed)
+    colours = rng.uniform(40, 215, size=(classes, 3, 1, 1))
+    yy, xx = np.mgrid[0:32, 0:32]
+    stripes = np.stack([np.sin((xx if k % 2 else yy) * (0.3 + 0.12 * k)) * 40 for k in range(classes)])[:, None]
+
+    def draw(n):
+        y = np.arange(n) % classes
+        x = colours[y] + stripes[y] + rng.normal(0, 30, size=(n, 3, 32, 32))
+        return torch.from_numpy(np.clip(x, 0, 255).astype(np.uint8)), torch.from_numpy(y)
+
+    return (*draw(train), *draw(test), classes)
+
+
+def load_data(args, device, rank):
+    """(train_x uint8 (N, 3, 32, 32), train_y, test_x uint8 already eval-transformed, test_y) on device, classes."""
+    if args.dataset in CIFAR_FILES:
+        if args.download:
+            if rank == 0:   # torchvision only to fetch the files; they are then read like any other copy
+                import torchvision
+                getattr(torchvision.datasets, args.dataset.upper())(args.data_dir, download=True)
+            if dist.is_available() and dist.is_initialized():
+                dist.barrier()
+        train_x, train_y, test_x, test_y, classes = read_cifar(args.data_dir, args.dataset)
+    elif args.dataset == "folder":
+        train_x, train_y, test_x, test_y, classes = read_folder(args.data_dir)
+    elif args.dataset == "synthetic":
+        train_x, train_y, test_x, test_y, classes = make_synthetic()
+    else:
+        raise ValueError(f"unknown dataset '{args.dataset}'")
+    if args.train_subset:
+        train_x, train_y = train_x[:args.train_subset], train_y[:args.train_subset]
+    if args.test_subset:
+        test_x, test_y = test_x[:args.test_subset], test_y[:args.test_subset]
+    if args.augment == "paper":   # evaluation: resize to 36, centre-crop 32 (rounded back to uint8, as PIL would)
+        big = F.interpolate(test_x.float(), size=36, mode="bilinear", align_corners=False, antialias=True)
+        test_x = big.round().clamp(0, 255).to(torch.uint8)[:, :, 2:34, 2:34].contiguous()
+    return train_x.to(device), train_y.to(device), test_x.to(device), test_y.to(device), classes
+
+
+def augment(x, recipe, gen):
+    """(B, 3, H, W) uint8 -> float in [0, 255], one random affine resampling per image (crop + flip in one step).
+
+    paper:   random-resized-crop (area 8-100%, aspect 3/4-4/3, torchvision's 10 tries then the whole image), bilinear.
+    classic: pad-4 random crop (zero padding) by integer shifts, nearest sampling, so pixels are copied exactly.
+    """
+    B, _, H, W = x.shape
+    dev = x.device
+    rand = lambda *shape: torch.rand(*shape, generator=gen, device=dev)
+    flip = torch.where(rand(B) < 0.5, -1.0, 1.0)
+    if recipe == "paper":
+        area = rand(B, 10) * (1 - 0.08) + 0.08                                   # fraction of the image, 10 tries
+        ratio = torch.exp(rand(B, 10) * (2 * math.log(4 / 3)) - math.log(4 / 3))
+        w, h = torch.sqrt(area * ratio), torch.sqrt(area / ratio)               # fractions of W and H
+        ok = (w <= 1) & (h <= 1)
+        first = torch.where(ok.any(1), ok.float().argmax(1), 0)
+        pick = lambda t: torch.where(ok.any(1), t.gather(1, first[:, None]).squeeze(1), torch.ones_like(t[:, 0]))
+        w, h = pick(w), pick(h)
+        cx, cy = (rand(B) * 2 - 1) * (1 - w), (rand(B) * 2 - 1) * (1 - h)       # crop centre, normalised coordinates
+        mode, padding = "bilinear", "border"
+    elif recipe == "classic":
+        shift = torch.randint(-4, 5, (2, B), generator=gen, device=dev).float()
+        w, h = torch.ones(B, device=dev), torch.ones(B, device=dev)
+        cx, cy = shift[0] * 2 / W, shift[1] * 2 / H
+        mode, padding = "nearest", "zeros"
+    else:
+        raise ValueError(f"unknown augmentation '{recipe}'")
+    theta = torch.zeros(B, 2, 3, device=dev)
+    theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = w * flip, cx, h, cy
+    grid = F.affine_grid(theta, [B, 3, H, W], align_corners=False)
+    return F.grid_sample(x.float(), grid, mode=mode, padding_mode=padding, align_corners=False)
+
+
+# ================================================================================================================
+# Loss choice
+# ================================================================================================================
+
+class Student(nn.Module):
+    """The model being trained plus the loss's trainable heads (FitNet regressors, ReviewKD fusion), as one module so
+    that DDP averages the heads' gradients too. forward -> (logits, features, head outputs or None)."""
+
+    def __init__(self, model, heads=None):
+        super().__init__()
+        self.model, self.heads = model, heads
+
+    def forward(self, x):
+        logits, feats = self.model(x, features=True)
+        return logits, feats, (self.heads(feats) if self.heads is not None else None)
+
+
+class HintRegressors(nn.Module):
+    """FitNet: one FeatureRegressor (common.py) per hinted stage, student map -> teacher map shape."""
+
+    def __init__(self, stages, student_shapes, teacher_shapes):
+        super().__init__()
+        self.stages = stages
+        self.regressors = nn.ModuleList(FeatureRegressor(student_shapes[i][0], teacher_shapes[i][0],
+                                                         student_shapes[i][1:], teacher_shapes[i][1:]) for i in stages)
+
+    def forward(self, feats):   # [(regressed student map, stage index)]
+        return [(reg(feats[i]), i) for i, reg in zip(self.stages, self.regressors)]
+
+
+class ReviewHeads(ReviewKDFusion):
+    """ReviewKD on all stage maps plus the pooled embedding as a 1x1 map (mdistiller's CIFAR setting)."""
+
+    def forward(self, feats):
+        return super().forward(feats[:-1] + [feats[-1][:, :, None, None]])
+
+
+def feature_shapes(model, image_size=32):
+    """[(C, H, W) of each stage map..., (D,) of the embedding], from one forward pass on zeros in eval mode."""
+    with torch.no_grad():   # eval: BN statistics stay untouched; training switches the student back to train mode
+        return [tuple(f.shape[1:]) for f in model.eval()(torch.zeros(2, 3, image_size, image_size), features=True)[1]]
+
+
+def build_heads(args, model, teacher):
+    """The trainable modules a feature loss adds to the student (None for logit losses)."""
+    if args.loss not in ("fitnet", "reviewkd"):
+        return None
+    s_shapes, t_shapes = feature_shapes(model), feature_shapes(teacher)
+    if len(s_shapes) != len(t_shapes) and (args.loss == "reviewkd" or args.fitnet_stages == "all"):
+        raise ValueError(f"{args.loss} pairs stages one to one, but {args.model} has {len(s_shapes) - 1} stages and "
+                         f"{args.teacher} {len(t_shapes) - 1}; pick models with as many stages"
+                         + (" or --fitnet-stages middle" if args.loss == "fitnet" else ""))
+    if args.loss == "fitnet":
+        stages = list(range(len(s_shapes) - 1)) if args.fitnet_stages == "all" else [1]
+        return HintRegressors(stages, s_shapes, t_shapes)
+    channels = lambda shapes: [s[0] for s in shapes]
+    return ReviewHeads(channels(s_shapes), channels(t_shapes), [s[1] if len(s) > 1 else 1 for s in t_shapes],
+                       mid_channels=min(512, s_shapes[-1][0]))
+
+
+def loss_terms(args, epoch, labels, student_out, teacher_out):
+    """{name: scalar} whose sum is the training loss. student_out = (logits, feats, head outputs); teacher_out =
+    (logits, feats) or None. Labels enter only through the ground-truth term (and DKD, which needs the target)."""
+    logits, feats, heads_out = student_out
+    t_logits, t_feats = teacher_out if teacher_out is not None else (None, None)
+    ramp = lambda warmup: min((epoch + 1) / warmup, 1.0) if warmup > 0 else 1.0   # mdistiller's epoch warm-up
+    terms = {}
+    if args.gt_weight > 0:
+        terms["gt"] = args.gt_weight * F.cross_entropy(logits, labels)
+    if args.loss == "ce":
+        pass
+    elif args.loss == "kd":
+        terms["kd"] = args.kd_weight * kd_loss(logits, t_logits, T=args.kd_T)
+    elif args.loss == "augconf":   # Eq. 1: (1 - α)·KD + α·CE(s, argmax s), α ramped over the first 30% of epochs
+        alpha = augconf_alpha(epoch, args.epochs, args.alpha_max, args.alpha_ramp)
+        terms["augconf"] = args.kd_weight * augconf_loss(logits, t_logits, alpha, T=args.kd_T)
+    elif args.loss == "adaptconf":   # Eq. 2: per-sample β = confidence weight, detached
+        terms["adaptconf"] = args.kd_weight * adaptconf_loss(logits, t_logits, tau=args.tau, T=args.kd_T)
+    elif args.loss == "dkd":
+        terms["dkd"] = ramp(args.dkd_warmup) * dkd_loss(logits, t_logits, labels, args.dkd_alpha, args.dkd_beta,
+                                                        args.dkd_T)
+    elif args.loss == "rkd":   # relations between the pooled embeddings of the batch
+        terms["rkd"] = rkd_loss(feats[-1], t_feats[-1], args.rkd_distance, args.rkd_angle)
+    elif args.loss == "fitnet":
+        terms["fitnet"] = args.fitnet_weight * sum(hint_loss(s, t_feats[i]) for s, i in heads_out)
+    elif args.loss == "reviewkd":
+        t_all = t_feats[:-1] + [t_feats[-1][:, :, None, None]]
+        terms["reviewkd"] = args.reviewkd_weight * ramp(args.reviewkd_warmup) * hcl_loss(heads_out, t_all)
+    else:
+        raise ValueError(f"unknown loss '{args.loss}'")
+    return terms
+
+
+
+# ================================================================================================================
+# Training and evaluation
+# ================================================================================================================
+
+def lr_at(step, total_steps, warmup_steps, peak, final):
+    """Linear warm-up to `peak` over `warmup_steps`, then cosine from `peak` to `final` at `total_steps`."""
+    if step < warmup_steps:
+        return peak * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
+    return final + 0.5 * (peak - final) * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def build_training(args, classes, device, memory_format, world, load_teacher=True):
+    """(model, teacher, heads, net, optimizer): net is the DDP-wrapped Student when world > 1; the teacher is frozen."""
+    model, teacher = build_model(args.model, classes), None
+    if args.loss != "ce":
+        if not args.teacher or (load_teacher and not args.teacher_ckpt):
+            raise ValueError(f"--loss {args.loss} distils from a teacher: pass --teacher NAME and --teacher-ckpt PATH "
+                             "(train the teacher first with --loss ce)")
+        teacher = build_model(args.teacher, classes)
+        if load_teacher:   # before training starts: a wrong checkpoint fails now, naming the tensor
+            load_weights(teacher, load_state_dict(args.teacher_ckpt), f"teacher checkpoint {args.teacher_ckpt}")
+    heads = build_heads(args, model, teacher)
+    if teacher is not None:
+        teacher = teacher.to(device, memory_format=memory_format).eval().requires_grad_(False)
+    student = Student(model, heads).to(device, memory_format=memory_format)
+    net = DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None) \
+        if world > 1 else student
+    # weight decay on weights only, not on biases and BN parameters (timm's default, used by the official code)
+    params = [p for p in student.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.ndim > 1], "weight_decay": args.weight_decay},
+              {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
+    optimizer = torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, nesterov=True)
+    return model, teacher, heads, net, optimizer
+
+
+def train_step(net, teacher, optimizer, images, labels, epoch, lr, args, gen, prepare, autocast):
+    """One SGD step on uint8 images (B, 3, 32, 32); returns {term: detached scalar} on the device (no host sync)."""
+    x = prepare(augment(images, args.augment, gen))
+    with autocast():
+        teacher_out = None
+        if teacher is not None:
+            with torch.no_grad():
+                teacher_out = teacher(x, features=True)   # frozen, eval mode
+        terms = loss_terms(args, epoch, labels, net(x), teacher_out)
+        loss = sum(terms.values())
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return {"loss": loss.detach().float(), **{k: v.detach().float() for k, v in terms.items()}}
+
+
+def train_one_epoch(net, teacher, optimizer, train_x, train_y, epoch, args, rank, world, prepare, autocast, schedule):
+    """One pass over this process's disjoint shard. Loss terms stay on the device: (per-step losses (steps,),
+    {term: epoch mean}); the caller reads them once per epoch instead of syncing every step."""
+    steps = (len(train_x) // world) // args.batch_size
+    order = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(args.seed * 100003 + epoch))
+    shard = order[:steps * args.batch_size * world][rank::world].to(train_x.device)   # same for every rank's seed
+    # augmentation: seed + rank, re-seeded each epoch, so a resumed run draws exactly what an uninterrupted one would
+    gen = torch.Generator(device=train_x.device).manual_seed((args.seed + rank) * 100003 + epoch)
+    net.train()
+    losses, sums = torch.zeros(steps, device=train_x.device), {}
+    for step in range(steps):
+        idx = shard[step * args.batch_size:(step + 1) * args.batch_size]
+        terms = train_step(net, teacher, optimizer, train_x[idx], train_y[idx], epoch, schedule(epoch * steps + step),
+                           args, gen, prepare, autocast)
+        losses[step] = terms["loss"]
+        sums = {k: sums.get(k, 0.0) + v for k, v in terms.items()}
+    return losses, {k: v / steps for k, v in sums.items()}
+
+
+@torch.no_grad()
+def evaluate(model, images, labels, rank, world, args, prepare, autocast, teacher=None):
+    """Top-1/top-5 on the whole test set: each process takes images rank::world (no padding, no duplicates) and the
+    correct counts and totals are summed over processes. With a teacher, also the Eq. 2 β statistics (Figure 3)."""
+    was_training = model.training
+    model.eval()
+    counts = torch.zeros(3, device=images.device)        # top-1 correct, top-5 correct, images
+    beta_stats = torch.zeros(12, device=images.device)   # Σβ, #(β = 0.5), 10-bin histogram over [0, 0.5]
+    for idx in torch.arange(rank, len(images), world, device=images.device).split(args.eval_batch_size):
+        x = prepare(images[idx].float())
+        with autocast():
+            logits = model(x).float()
+            t_logits = teacher(x).float() if teacher is not None else None
+        counts[:2] += topk_correct(logits, labels[idx], (1, 5))
+        counts[2] += len(idx)
+        if teacher is not None:
+            beta = adaptconf_beta(logits, t_logits, tau=args.tau)
+            beta_stats[0] += beta.sum()
+            beta_stats[1] += (beta == 0.5).sum()
+            beta_stats[2:] += torch.histc(beta, bins=10, min=0.0, max=0.5)
+    model.train(was_training)
+    top1, top5, n = all_reduce_sum(counts).tolist()
+    result = {"top1": 100.0 * top1 / max(n, 1), "top5": 100.0 * top5 / max(n, 1), "evaluated": int(n)}
+    if teacher is not None:
+        stats = all_reduce_sum(beta_stats).tolist()
+        result.update(beta_mean=stats[0] / max(n, 1), beta_frac_half=stats[1] / max(n, 1),
+                      beta_hist=[int(c) for c in stats[2:]])
+    return result
+
+
+def benchmark(args, rank, world, device, prepare, autocast, memory_format):
+    """Times --benchmark STEPS training steps (after 5 warm-up steps) on random uint8 images: augmentation, student
+    and teacher forward, loss, backward and SGD step, exactly the training loop's train_step."""
+    classes = 100
+    _, teacher, _, net, optimizer = build_training(args, classes, device, memory_format, world,
+                                                   load_teacher=bool(args.teacher_ckpt))
+    gen = torch.Generator(device=device).manual_seed(args.seed + rank)
+    images = torch.randint(0, 256, (args.batch_size, 3, 32, 32), generator=gen, device=device, dtype=torch.uint8)
+    labels = torch.randint(0, classes, (args.batch_size,), generator=gen, device=device)
+    net.train()
+    for i in range(5 + args.benchmark):
+        if i == 5:
+            last["loss"].item()   # waits for the warm-up steps
+            start = time.time()
+        last = train_step(net, teacher, optimizer, images, labels, 0, 0.01, args, gen, prepare, autocast)
+    last["loss"].item()
+    seconds = time.time() - start
+    result = {"images_per_s": args.benchmark * args.batch_size * world / seconds,
+              "ms_per_step": 1000.0 * seconds / args.benchmark, "global_batch": args.batch_size * world,
+              "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+              "amp": device.type == "cuda" and args.amp is not False, "args": vars(args)}
+    if rank == 0:
+        print(f"benchmark: {args.model} + teacher {args.teacher} ({args.loss}), global batch {args.batch_size * world}"
+              f" on {world} x {result['device']}: {result['images_per_s']:.0f} images/s, "
+              f"{result['ms_per_step']:.1f} ms/step", flush=True)
+        if args.out:
+            save_atomic(result, os.path.join(args.out, "benchmark.json"))
+    return result
+
+
+def main(args):
+    rank, world, device = setup_distributed()
+    seed_everything(args.seed)
+    if args.out and rank == 0:
+        os.makedirs(args.out, exist_ok=True)
+    use_amp = device.type == "cuda" and args.amp is not False   # bf16 autocast: default on CUDA, never on CPU
+    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp)
+    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    torch.backends.cudnn.benchmark = device.type == "cuda"   # fixed 32x32 shapes: let cuDNN pick its fastest kernels
+    mean, std = (torch.tensor(v, device=device).view(1, 3, 1, 1) * 255
+                 for v in MEAN_STD.get(args.dataset, MEAN_STD["default"]))
+    prepare = lambda x: ((x - mean) / std).contiguous(memory_format=memory_format)   # pixels in [0, 255] -> input
+    if args.benchmark:
+        result = benchmark(args, rank, world, device, prepare, autocast, memory_format)
+        cleanup_distributed()
+        return result
+
+    train_x, train_y, test_x, test_y, classes = load_data(args, device, rank)
+    if args.eval_only:
+        model = build_model(args.model, classes)
+        load_weights(model, load_state_dict(args.eval_only), f"--eval-only checkpoint {args.eval_only}")
+        metrics = evaluate(model.to(device, memory_format=memory_format), test_x, test_y, rank, world, args, prepare,
+                           autocast)
+        result = {**metrics, "checkpoint": args.eval_only, "args": vars(args)}
+        if rank == 0:
+            print(f"eval {args.model} from {args.eval_only}: top1 {metrics['top1']:.2f}  top5 {metrics['top5']:.2f}  "
+                  f"({metrics['evaluated']} images)", flush=True)
+            if args.out:
+                save_atomic(result, os.path.join(args.out, "results.json"))
+        cleanup_distributed()
+        return result
+
+    if args.loss == "ce" and args.gt_weight <= 0:
+        raise ValueError("--loss ce with --gt-weight 0 has nothing to learn from; use --gt-weight 1 or a teacher loss")
+    if args.loss == "dkd" and args.gt_weight <= 0:
+        raise ValueError("DKD splits the teacher's distribution at the label's class, so it needs labels; "
+                         "use --gt-weight > 0 or another loss for teacher-only training")
+    model, teacher, heads, net, optimizer = build_training(args, classes, device, memory_format, world)
+    global_batch = args.batch_size * world
+    steps = (len(train_x) // world) // args.batch_size
+    if steps == 0:
+        raise ValueError(f"{len(train_x)} training images cannot fill one batch of {args.batch_size} on each of "
+                         f"{world} processes; lower --batch-size")
+    peak, final = args.lr * global_batch / 512, args.min_lr * global_batch / 512   # linear scaling from batch 512
+    schedule = lambda step: lr_at(step, args.epochs * steps, args.warmup_epochs * steps, peak, final)
+
+    start_epoch, best, seconds = 0, {"top1": -1.0, "top5": -1.0, "epoch": -1}, 0.0
+    if args.resume:
+        path = os.path.join(args.out or "", "checkpoint.pt")
+        if not args.out or not os.path.isfile(path):
+            raise FileNotFoundError(f"--resume needs {path} from an earlier run with the same --out")
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        model.load_state_dict(ckpt["model"])
+        if heads is not None:
+            heads.load_state_dict(ckpt["heads"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        start_epoch, best, seconds = ckpt["epoch"], ckpt["best"], ckpt["seconds"]
+        if rank == 0:
+            trim_log(args.out, start_epoch)
+    teacher_metrics = evaluate(teacher, test_x, test_y, rank, world, args, prepare, autocast) if teacher else None
+    if rank == 0:
+        print(f"{args.model} <- {args.teacher or 'labels'} ({args.loss}) on {args.dataset}: {len(train_x)} train / "
+              f"{len(test_x)} test images, {classes} classes; {world} process(es) on {device}, bf16 {use_amp}; "
+              f"global batch {global_batch} -> lr {peak:.4g} (= {args.lr} x {global_batch}/512), cosine to "
+              f"{final:.3g}, {steps} steps/epoch" + (f"; teacher top1 {teacher_metrics['top1']:.2f}"
+                                                     if teacher_metrics else ""), flush=True)
+
+    stop = min(args.epochs, args.stop_after or args.epochs)
+    for epoch in range(start_epoch, stop):
+        start = time.time()
+        losses, means = train_one_epoch(net, teacher, optimizer, train_x, train_y, epoch, args, rank, world, prepare,
+                                        autocast, schedule)
+        names = list(means)
+        mean_values = (all_reduce_sum(torch.stack([means[k] for k in names])) / world).tolist()
+        # NaN check without a host sync per step (which stalls the GPU queue): the per-step losses are read once here,
+        # and a diverged epoch stops the run before its checkpoint is written, naming the first non-finite step
+        step_losses = losses.tolist()
+        bad = next((i for i, v in enumerate(step_losses) if not math.isfinite(v)), None)
+        if bad is not None:
+            check_finite(torch.tensor(step_losses[bad]), epoch, bad)
+        train_seconds = time.time() - start
+        broadcast_buffers(model)   # every process scores the BN statistics rank 0 saves
+        metrics = evaluate(model, test_x, test_y, rank, world, args, prepare, autocast,
+                           teacher if args.loss == "adaptconf" else None)
+        seconds += time.time() - start
+        if metrics["top1"] > best["top1"]:
+            best = {"top1": metrics["top1"], "top5": metrics["top5"], "epoch": epoch}
+        record = {"epoch": epoch, "lr": schedule((epoch + 1) * steps - 1),
+                  **{("loss" if k == "loss" else f"loss_{k}"): v for k, v in zip(names, mean_values)},
+                  **metrics, "images_per_s": steps * global_batch / train_seconds, "seconds": time.time() - start}
+        if rank == 0:
+            log_record(args.out, record)
+            if args.out:
+                save_atomic({"model": model.state_dict(), "heads": heads.state_dict() if heads is not None else None,
+                             "optimizer": optimizer.state_dict(), "epoch": epoch + 1, "args": vars(args),
+                             "best": best, "seconds": seconds}, os.path.join(args.out, "checkpoint.pt"))
+
+    final_metrics = metrics if start_epoch < stop else evaluate(model, test_x, test_y, rank, world, args, prepare,
+                                                                 autocast)
+    results = {"top1": final_metrics["top1"], "top5": final_metrics["top5"], "evaluated": final_metrics["evaluated"],
+               "best_top1": best["top1"], "best_top5": best["top5"], "best_epoch": best["epoch"],
+               "teacher_top1": teacher_metrics["top1"] if teacher_metrics else None, "epochs_done": stop,
+               "seconds": seconds, "args": vars(args)}
+    if rank == 0:
+        print(f"done: top1 {results['top1']:.2f} (best {results['best_top1']:.2f} at epoch {best['epoch']}), "
+              f"{seconds:.0f} s", flush=True)
+        if args.out:
+            save_atomic(results, os.path.join(args.out, "results.json"))
+    cleanup_distributed()
+    return results
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", default="cifar100", choices=["cifar100", "cifar10", "folder", "synthetic"],
+                   help="python-pickle CIFAR, a train/ test/ image tree, or a small in-memory learnable set")
+    g.add_argument("--data-dir", default="./data", help="folder holding cifar-100-python/ or cifar-10-batches-py/")
+    g.add_argument("--download", action="store_true", help="fetch CIFAR into --data-dir with torchvision first")
+    g.add_argument("--augment", default="paper", choices=["paper", "classic"],
+                   help="paper: random-resized-crop + flip, eval resize 36/crop 32; classic: pad-4 crop + flip")
+    g.add_argument("--train-subset", type=int, default=0, help="use only the first N training images (0 = all)")
+    g.add_argument("--test-subset", type=int, default=0, help="use only the first N test images (0 = all)")
+    g = p.add_argument_group("models")
+    g.add_argument("--model", default="resnet32x4", choices=list(MODELS), help="the model trained (the student)")
+    g.add_argument("--teacher", default=None, choices=list(MODELS), help="the frozen (weak) teacher's architecture")
+    g.add_argument("--teacher-ckpt", default=None, help="teacher weights: ours, RepDistiller, mdistiller or official")
+    g = p.add_argument_group("loss")
+    g.add_argument("--loss", default="ce",
+                   choices=["ce", "kd", "fitnet", "rkd", "reviewkd", "dkd", "augconf", "adaptconf"],
+                   help="ce trains from labels (a teacher or a baseline); the others distil from --teacher")
+    g.add_argument("--gt-weight", type=float, default=1.0, help="weight of CE(student, label); 0 = teacher only")
+    g.add_argument("--kd-weight", type=float, default=1.0, help="weight of the kd / augconf / adaptconf term")
+    g.add_argument("--kd-T", type=float, default=1.0, help="KD temperature (official 1; mdistiller's KD uses 4)")
+    g.add_argument("--alpha-max", type=float, default=0.5, help="augconf: final α of Eq. 1 (Figure 2: 0.1-0.9)")
+    g.add_argument("--alpha-ramp", type=float, default=0.3, help="augconf: α ramps up over this epoch fraction")
+    g.add_argument("--tau", type=float, default=0.5, help="adaptconf: β temperature of Eq. 2 (Figure 2's T: 0.1-8)")
+    g.add_argument("--dkd-alpha", type=float, default=1.0, help="DKD weight of TCKD (official 1; mdistiller 1)")
+    g.add_argument("--dkd-beta", type=float, default=2.0, help="DKD weight of NCKD (official 2; mdistiller 8)")
+    g.add_argument("--dkd-T", type=float, default=1.0, help="DKD temperature (official 1; mdistiller 4)")
+    g.add_argument("--dkd-warmup", type=int, default=0, help="DKD weight ramps over this many epochs "
+                                                                 "(official 0 = none; mdistiller 20)")
+    g.add_argument("--rkd-distance", type=float, default=25.0, help="RKD distance-loss weight")
+    g.add_argument("--rkd-angle", type=float, default=50.0, help="RKD angle-loss weight")
+    g.add_argument("--fitnet-weight", type=float, default=1.0, help="FitNet hint weight (official 1; mdistiller 100)")
+    g.add_argument("--fitnet-stages", default="all", choices=["all", "middle"],
+                   help="hint every stage (official code) or the 2nd stage only (mdistiller)")
+    g.add_argument("--reviewkd-weight", type=float, default=5.0, help="ReviewKD HCL weight (mdistiller CIFAR 5)")
+    g.add_argument("--reviewkd-warmup", type=int, default=20, help="ReviewKD weight ramps over this many epochs")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=240, help="length of the schedule")
+    g.add_argument("--batch-size", type=int, default=64, help="images per process per step (8 x 64 = paper's 512)")
+    g.add_argument("--lr", type=float, default=0.2, help="peak lr for a global batch of 512; scaled linearly")
+    g.add_argument("--min-lr", type=float, default=2e-3, help="final cosine lr for a global batch of 512; scaled too")
+    g.add_argument("--warmup-epochs", type=int, default=10, help="linear lr warm-up epochs")
+    g.add_argument("--momentum", type=float, default=0.9, help="SGD (Nesterov) momentum")
+    g.add_argument("--weight-decay", type=float, default=5e-4, help="weight decay (not on biases and BN)")
+    g.add_argument("--eval-batch-size", type=int, default=1000, help="images per evaluation batch per process")
+    g = p.add_argument_group("run")
+    g.add_argument("--seed", type=int, default=0, help="seed of initialisation, shuffling and augmentation")
+    g.add_argument("--out", default=None, help="output folder (log.jsonl, results.json, checkpoint.pt); None = stdout")
+    g.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
+    g.add_argument("--stop-after", type=int, default=0,
+                   help="end after this many epochs of the --epochs schedule (0 = all); continue with --resume")
+    g.add_argument("--eval-only", default=None, metavar="CKPT", help="evaluate --model with these weights and exit")
+    g.add_argument("--benchmark", type=int, default=0, metavar="STEPS",
+                   help="time STEPS training steps on random tensors and print images/s and ms/step")
+    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast (default: on with CUDA; always off on CPU)")
+    args = p.parse_args(argv)
+    for name in ("kd_T", "tau", "dkd_T"):
+        if getattr(args, name) <= 0:
+            p.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    return args
+
+
+if __name__ == "__main__":
+    main(parse_args())

@@ -1,0 +1,299 @@
+"""Tests of cifar.py: the model zoo (sizes, published names), every loss, DDP evaluation, resume, errors, real data."""
+import json
+import math
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+import cifar
+from conftest import make_image_tree, run_torchrun
+
+# REFERENCE.md §3, 100 classes
+PARAMS = {"resnet8": 83892, "resnet14": 181108, "resnet20": 278324, "resnet32": 472756, "resnet44": 667188,
+          "resnet56": 861620, "resnet110": 1736564, "resnet8x4": 1233540, "resnet32x4": 7433860,
+          "wrn_16_1": 180916, "wrn_16_2": 703284, "wrn_40_1": 569780, "wrn_40_2": 2255156, "vgg8": 3965028,
+          "vgg11": 9277284, "vgg13": 9462180, "vgg16": 14774436, "vgg19": 20086692, "ShuffleV1": 949258,
+          "ShuffleV2": 1355528, "MobileNetV2": 812836, "ResNet18": 11220132, "ResNet50": 23705252}
+
+TINY = ["--dataset", "synthetic", "--epochs", "1", "--batch-size", "16", "--train-subset", "32", "--test-subset", "33"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These tiny models gain little from a second thread, and two spinning threads slow down several-fold as soon as
+    another process shares the two cores; one thread keeps the file's time predictable (~2 min). Restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run(*argv):
+    return cifar.main(cifar.parse_args([str(a) for a in argv]))
+
+
+def read_log(out):
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def teacher_ckpt(tmp_path_factory):
+    """A resnet8 teacher for the 10 synthetic classes, saved the way mdistiller ships teachers ({"model": sd})."""
+    path = tmp_path_factory.mktemp("teacher") / "resnet8.pt"
+    torch.manual_seed(1)
+    torch.save({"model": cifar.build_model("resnet8", 10).state_dict(), "epoch": 240}, path)
+    return str(path)
+
+
+def test_every_model_has_the_published_parameter_count():
+    assert set(cifar.MODELS) == set(PARAMS)
+    for name, expected in PARAMS.items():
+        model = cifar.build_model(name, 100)
+        assert sum(p.numel() for p in model.parameters()) == expected, name
+
+
+def test_features_call_returns_stage_maps_and_embedding():
+    model = cifar.build_model("resnet8x4", 7).eval()
+    x = torch.randn(2, 3, 32, 32)
+    logits, feats = model(x, features=True)
+    assert torch.equal(logits, model(x)) and logits.shape == (2, 7)
+    assert [tuple(f.shape[1:]) for f in feats] == [(64, 32, 32), (128, 16, 16), (256, 8, 8), (256,)]
+    assert torch.allclose(model.fc(feats[-1]), logits, atol=1e-6)   # the embedding is the classifier's input
+
+
+def repdistiller_resnet8_keys(classes):
+    """resnet8's state_dict names and shapes written out from RepDistiller's models/resnet.py (not from cifar.py)."""
+    keys = {"conv1.weight": (16, 3, 3, 3)}
+    bn = lambda prefix, c: {f"{prefix}.{k}": ((c,) if k != "num_batches_tracked" else ())
+                            for k in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")}
+    keys.update(bn("bn1", 16))
+    cin = 16
+    for layer, width in enumerate((16, 32, 64), start=1):
+        p = f"layer{layer}.0"
+        keys[f"{p}.conv1.weight"] = (width, cin, 3, 3)
+        keys.update(bn(f"{p}.bn1", width))
+        keys[f"{p}.conv2.weight"] = (width, width, 3, 3)
+        keys.update(bn(f"{p}.bn2", width))
+        if layer > 1:
+            keys[f"{p}.downsample.0.weight"] = (width, cin, 1, 1)
+            keys.update(bn(f"{p}.downsample.1", width))
+        cin = width
+    keys.update({"fc.weight": (classes, 64), "fc.bias": (classes,)})
+    return keys
+
+
+# distinctive names and shapes of each family, read off the published model files
+PUBLISHED = {
+    "resnet8x4": {"conv1.weight": (32, 3, 3, 3), "layer1.0.downsample.0.weight": (64, 32, 1, 1),
+                  "fc.weight": (100, 256)},
+    "wrn_16_1": {"block1.layer.0.bn1.running_var": (16,), "block2.layer.0.convShortcut.weight": (32, 16, 1, 1),
+                 "block3.layer.1.conv2.weight": (64, 64, 3, 3), "bn1.weight": (64,), "fc.weight": (100, 64)},
+    "vgg13": {"block0.0.weight": (64, 3, 3, 3), "block0.0.bias": (64,), "block0.1.running_mean": (64,),
+              "block0.3.weight": (64, 64, 3, 3), "block4.4.weight": (512,), "classifier.weight": (100, 512)},
+    "ShuffleV1": {"conv1.weight": (24, 3, 1, 1), "layer1.0.conv1.weight": (54, 24, 1, 1),
+                  "layer1.0.conv3.weight": (216, 18, 1, 1), "layer2.0.conv1.weight": (60, 80, 1, 1),
+                  "linear.weight": (100, 960)},
+    "ShuffleV2": {"layer1.0.conv1.weight": (24, 1, 3, 3), "layer1.0.conv5.weight": (58, 58, 1, 1),
+                  "layer1.1.conv2.weight": (58, 1, 3, 3), "conv2.weight": (1024, 464, 1, 1), "bn2.weight": (1024,),
+                  "linear.weight": (100, 1024)},
+    "MobileNetV2": {"conv1.0.weight": (16, 3, 3, 3), "blocks.0.0.conv.0.weight": (16, 16, 1, 1),
+                    "blocks.1.0.conv.0.weight": (48, 8, 1, 1), "blocks.6.0.conv.7.weight": (160,),
+                    "conv2.0.weight": (1280, 160, 1, 1), "classifier.0.weight": (100, 1280)},
+    "ResNet18": {"conv1.weight": (64, 3, 3, 3), "layer2.0.shortcut.0.weight": (128, 64, 1, 1),
+                 "layer4.1.bn2.weight": (512,), "linear.weight": (100, 512)},
+    "ResNet50": {"layer1.0.shortcut.0.weight": (256, 64, 1, 1), "layer1.0.conv3.weight": (256, 64, 1, 1),
+                 "layer4.2.bn3.weight": (2048,), "linear.weight": (100, 2048)},
+}
+
+
+def test_state_dict_names_match_the_published_code():
+    own = {k: tuple(v.shape) for k, v in cifar.build_model("resnet8", 100).state_dict().items()}
+    assert own == repdistiller_resnet8_keys(100)
+    for name, expected in PUBLISHED.items():
+        own = {k: tuple(v.shape) for k, v in cifar.build_model(name, 100).state_dict().items()}
+        for key, shape in expected.items():
+            assert own.get(key) == shape, (name, key, own.get(key))
+
+
+@pytest.mark.parametrize("wrap", ["model", "state_dict", "net", "bare"])
+def test_published_checkpoint_loads_strictly(tmp_path, wrap):
+    """A checkpoint built only from the published names (module.-prefixed, as saved from DataParallel) loads."""
+    value = lambda k, shape: (torch.tensor(3) if not shape else torch.rand(shape) + 0.5 if k.endswith("running_var")
+                              else torch.randn(shape) * 0.1)
+    sd = {f"module.{k}": value(k, shape) for k, shape in repdistiller_resnet8_keys(10).items()}
+    path = str(tmp_path / "ckpt.pth")
+    torch.save(sd if wrap == "bare" else {wrap: sd, "epoch": 240}, path)
+    model = cifar.build_model("resnet8", 10)
+    cifar.load_weights(model, cifar.load_state_dict(path), "test")
+    assert torch.equal(model.fc.weight, sd["module.fc.weight"])
+    if wrap == "model":   # and through the script: as a teacher, and with --eval-only
+        result = run(*TINY, "--model", "resnet8", "--loss", "kd", "--teacher", "resnet8", "--teacher-ckpt", path,
+                     "--out", tmp_path / "kd")
+        assert math.isfinite(result["top1"])
+        result = run(*TINY, "--model", "resnet8", "--eval-only", path, "--out", tmp_path / "eval")
+        assert result["evaluated"] == 33
+        with open(tmp_path / "eval" / "results.json") as f:
+            assert json.load(f)["top1"] == result["top1"]
+
+
+@pytest.mark.parametrize("loss", ["ce", "kd", "fitnet", "rkd", "reviewkd", "dkd", "augconf", "adaptconf"])
+def test_each_loss_trains(tmp_path, teacher_ckpt, loss):
+    teacher = [] if loss == "ce" else ["--teacher", "resnet8", "--teacher-ckpt", teacher_ckpt]
+    out = tmp_path / loss
+    run(*TINY, "--model", "wrn_16_1", "--loss", loss, *teacher, "--lr", "3.2", "--out", out)
+    record = read_log(out)[-1]
+    term = "loss_gt" if loss == "ce" else f"loss_{loss}"
+    assert math.isfinite(record[term]) and record[term] > 0, record
+    assert record["evaluated"] == 33
+    torch.manual_seed(0)   # the script seeds with --seed 0 right before building the student
+    init = cifar.build_model("wrn_16_1", 10).state_dict()
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert not torch.equal(ckpt["model"]["fc.weight"], init["fc.weight"])
+    if loss in ("fitnet", "reviewkd"):
+        assert ckpt["heads"], "the feature loss's trainable heads must be saved for --resume"
+    if loss == "adaptconf":   # Figure 3 data: β over the test set
+        assert 0 < record["beta_mean"] <= 0.5 and 0 <= record["beta_frac_half"] <= 1
+        assert len(record["beta_hist"]) == 10 and sum(record["beta_hist"]) == 33
+
+
+def test_teacher_only_training_ignores_labels(tmp_path, teacher_ckpt):
+    run(*TINY, "--model", "resnet8", "--loss", "adaptconf", "--teacher", "resnet8", "--teacher-ckpt", teacher_ckpt,
+        "--gt-weight", "0", "--out", tmp_path)
+    assert "loss_gt" not in read_log(tmp_path)[-1]
+    with pytest.raises(ValueError, match="needs labels"):
+        run(*TINY, "--model", "resnet8", "--loss", "dkd", "--teacher", "resnet8", "--teacher-ckpt", teacher_ckpt,
+            "--gt-weight", "0")
+
+
+def test_synthetic_pipeline_learns(tmp_path):
+    result = run("--dataset", "synthetic", "--model", "resnet8", "--epochs", "2", "--batch-size", "32",
+                 "--train-subset", "512", "--test-subset", "200", "--lr", "3.2", "--warmup-epochs", "0",
+                 "--augment", "classic", "--out", tmp_path)
+    assert result["top1"] > 50, result   # 10 classes: chance is 10%
+    assert os.path.isfile(tmp_path / "checkpoint.pt")
+
+
+def test_augmentations():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
+    classic = cifar.augment(x, "classic", gen)
+    # pad-4 crop + flip only moves pixels: every output row is a (possibly flipped) shifted copy or zero padding
+    assert classic.shape == x.shape and torch.equal(classic, classic.round())
+    centre = classic[:, :, 4:28, 4:28]
+    assert all(any(torch.equal(centre[i], xs[:, 4 + dy:28 + dy, 4 + dx:28 + dx])
+                   for dy in range(-4, 5) for dx in range(-4, 5) for xs in (x[i].float(), x[i].float().flip(2)))
+               for i in range(8))
+    paper = cifar.augment(x, "paper", gen)
+    assert paper.shape == x.shape and paper.min() >= 0 and paper.max() <= 255
+    assert not torch.equal(paper, x.float())
+
+
+def test_torchrun_two_processes_count_every_test_image_once(tmp_path, teacher_ckpt):
+    out = tmp_path / "ddp"
+    proc = run_torchrun("cifar.py", ["--dataset", "synthetic", "--model", "wrn_16_1", "--loss", "fitnet",
+                                     "--teacher", "resnet8", "--teacher-ckpt", teacher_ckpt, "--epochs", "1",
+                                     "--batch-size", "16", "--train-subset", "64", "--test-subset", "101",
+                                     "--out", out])
+    assert "global batch 32" in proc.stdout
+    with open(out / "results.json") as f:
+        results = json.load(f)
+    assert results["evaluated"] == 101 and read_log(out)[-1]["evaluated"] == 101   # odd: padding would show
+    # the summed counts equal a single-process evaluation of the same weights
+    single = run("--dataset", "synthetic", "--test-subset", "101", "--model", "wrn_16_1",
+                 "--eval-only", out / "checkpoint.pt")
+    assert single["top1"] == pytest.approx(results["top1"]) and single["top5"] == pytest.approx(results["top5"])
+
+
+def test_resume_reproduces_an_uninterrupted_run(tmp_path, teacher_ckpt):
+    args = [*TINY, "--train-subset", "48", "--epochs", "2", "--model", "resnet8", "--loss", "adaptconf",
+            "--teacher", "resnet8", "--teacher-ckpt", teacher_ckpt, "--lr", "3.2"]
+    full = run(*args, "--out", tmp_path / "full")
+    run(*args, "--out", tmp_path / "cut", "--stop-after", "1")
+    assert len(read_log(tmp_path / "cut")) == 1
+    resumed = run(*args, "--out", tmp_path / "cut", "--resume")
+    a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=False)
+    b = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)
+    assert a["epoch"] == b["epoch"] == 2
+    for key, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][key]), key
+    assert resumed["top1"] == full["top1"]
+    assert [r["loss"] for r in read_log(tmp_path / "cut")] == [r["loss"] for r in read_log(tmp_path / "full")]
+
+
+def test_missing_or_malformed_data_dir(tmp_path):
+    with pytest.raises(FileNotFoundError, match="cifar-100-python.*--download"):
+        run("--data-dir", tmp_path / "nowhere", "--model", "resnet8", "--epochs", "1")
+    broken = tmp_path / "cifar-100-python"
+    broken.mkdir()
+    for name in ("train", "test"):
+        (broken / name).write_bytes(b"not a pickle")
+    with pytest.raises(ValueError, match="not a CIFAR python-pickle file"):
+        run("--data-dir", tmp_path, "--model", "resnet8", "--epochs", "1")
+    with pytest.raises(FileNotFoundError, match="train/<class>"):
+        run("--dataset", "folder", "--data-dir", tmp_path / "nowhere", "--model", "resnet8")
+
+
+def test_unknown_model():
+    with pytest.raises(SystemExit):
+        cifar.parse_args(["--model", "resnet9"])
+    with pytest.raises(ValueError, match="unknown model 'resnet9'"):
+        cifar.build_model("resnet9", 100)
+
+
+def test_bad_teacher_checkpoint_names_the_tensor(tmp_path, teacher_ckpt):
+    wrong_classes = str(tmp_path / "t100.pt")
+    torch.save({"model": cifar.build_model("resnet8", 100).state_dict()}, wrong_classes)
+    with pytest.raises(ValueError, match=r"tensor 'fc.weight' has shape \(100, 64\)"):
+        run(*TINY, "--model", "resnet8", "--loss", "kd", "--teacher", "resnet8", "--teacher-ckpt", wrong_classes)
+    with pytest.raises(ValueError, match="tensor 'conv1.weight' has shape"):   # a resnet8 checkpoint for a resnet8x4
+        run(*TINY, "--model", "resnet8", "--loss", "kd", "--teacher", "resnet8x4", "--teacher-ckpt", teacher_ckpt)
+    with pytest.raises(ValueError, match="--teacher-ckpt"):
+        run(*TINY, "--model", "resnet8", "--loss", "kd", "--teacher", "resnet8")
+
+
+def test_nan_loss_names_epoch_and_step(tmp_path):
+    with pytest.raises(FloatingPointError, match=r"at epoch 0, step \d+"):
+        run(*TINY, "--train-subset", "64", "--model", "resnet8", "--lr", "1e38", "--warmup-epochs", "0",
+            "--out", tmp_path)
+    assert not os.path.exists(tmp_path / "checkpoint.pt")   # the diverged epoch is never saved
+
+
+def test_cifar10_and_folder_datasets(tmp_path):
+    root = tmp_path / "cifar-10-batches-py"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        with open(root / name, "wb") as f:
+            pickle.dump({"data": rng.integers(0, 256, (20, 3072), dtype=np.uint8),
+                         "labels": list(rng.integers(0, 10, 20))}, f)
+    result = run("--dataset", "cifar10", "--data-dir", tmp_path, "--model", "resnet8", "--epochs", "1",
+                 "--batch-size", "50")
+    assert result["evaluated"] == 20
+    make_image_tree(str(tmp_path / "tree"), splits=("train", "test"), num_classes=3, per_class=6)
+    result = run("--dataset", "folder", "--data-dir", tmp_path / "tree", "--model", "resnet8", "--epochs", "1",
+                 "--batch-size", "6")
+    assert result["evaluated"] == 18
+
+
+def test_benchmark_runs(tmp_path, capsys):
+    result = run("--benchmark", "2", "--model", "resnet8", "--teacher", "resnet8", "--loss", "adaptconf",
+                 "--batch-size", "8", "--out", tmp_path)
+    assert result["images_per_s"] > 0 and "images/s" in capsys.readouterr().out
+    assert os.path.isfile(tmp_path / "benchmark.json")
+
+
+def test_real_cifar100_weak_teacher_then_stronger_student(tmp_path, cifar100_dir):
+    """A resnet8 teacher trained with ce on 2,000 real images, then a resnet14 student distilled from its checkpoint
+    with adaptconf; both must beat chance (1%) clearly on 1,001 test images."""
+    common = ["--data-dir", cifar100_dir, "--augment", "classic", "--train-subset", "2000", "--test-subset", "1001",
+              "--epochs", "3", "--batch-size", "32", "--warmup-epochs", "0"]   # lr below: 0.2 and 0.1 at batch 32
+    teacher = run(*common, "--lr", "3.2", "--model", "resnet8", "--loss", "ce", "--out", tmp_path / "teacher")
+    student = run(*common, "--lr", "1.6", "--model", "resnet14", "--loss", "adaptconf", "--teacher", "resnet8",
+                  "--teacher-ckpt", tmp_path / "teacher" / "checkpoint.pt", "--out", tmp_path / "student")
+    assert teacher["evaluated"] == student["evaluated"] == 1001
+    assert teacher["top1"] > 3.0 and student["top1"] > 3.0, (teacher["top1"], student["top1"])
+    assert student["teacher_top1"] == pytest.approx(teacher["top1"])
