@@ -712,6 +712,10 @@ def loss_terms(args, epoch, labels, student_out, teacher_out):
         terms["reviewkd"] = args.reviewkd_weight * ramp(args.reviewkd_warmup) * hcl_loss(heads_out, t_all)
     else:
         raise ValueError(f"unknown loss '{args.loss}'")
+    if args.gt_weight == 0 and args.loss in ("fitnet", "rkd", "reviewkd"):
+        # teacher-only training (Table 2b): a feature loss gives the classifier no signal, so the student also
+        # learns the teacher's logits (the same choice as imagenet.py and transfer.py)
+        terms["kd"] = args.kd_weight * kd_loss(logits, t_logits, T=args.kd_T)
     return terms
 
 

@@ -436,6 +436,10 @@ def compute_loss(args, out, teacher_out, labels, epoch):
         distill = args.reviewkd_weight * hcl_loss(head_out, t_feats + [t_pooled[:, :, None, None]])
     else:
         raise ValueError(f"unknown --loss {args.loss}; choose one of {', '.join(LOSSES)}")
+    if args.gt_weight == 0 and args.loss in FEATURE_LOSSES:
+        # teacher-only training: a feature loss gives the classifier no signal, so the student also learns the
+        # teacher's logits (the same choice as cifar.py and transfer.py)
+        distill = distill + args.kd_weight * kd_loss(logits, t_logits, T=args.kd_T)
     total = args.gt_weight * ce + distill
     return total, {"ce": ce.detach(), "distill": distill.detach()}, beta
 
@@ -640,10 +644,7 @@ def run(args, rank, world_size, device):
                                 weight_decay=args.weight_decay)
     train_model = model
     if world_size > 1:
-        # with --gt-weight 0 a feature loss leaves the classifier (and deeper stages) without gradient
-        unused = args.gt_weight == 0 and args.loss in FEATURE_LOSSES
-        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                              find_unused_parameters=unused)
+        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if rank == 0:
         print(f"{args.model} <- {args.teacher or 'labels'} ({args.loss}) on {device} x{world_size}: "
               f"{num_classes} classes, global batch {global_batch}, lr {base_lr:.4g}, "

@@ -101,6 +101,21 @@ def test_every_table4_loss_gives_a_finite_loss_and_student_gradients():
             assert terms["distill"] > 0 and total.item() == pytest.approx((terms["ce"] + terms["distill"]).item())
 
 
+def test_teacher_only_feature_losses_also_learn_the_teacher_logits():
+    """With --gt-weight 0 a feature loss alone would leave the classifier untrained; the KD term gives it a signal."""
+    teacher = imagenet.MODELS["mobilenetv1"](5).eval().requires_grad_(False)
+    images, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    with torch.no_grad():
+        teacher_out = imagenet.forward_features(teacher, images)
+    for loss in imagenet.FEATURE_LOSSES:
+        args = imagenet.parse_args(["--image-size", "32", "--loss", loss, "--gt-weight", "0"])
+        student = imagenet.MODELS["resnet18"](5)
+        model = imagenet.StudentWithHead(student, imagenet.build_head(args, student, teacher), args.fitnet_stage)
+        total, _, _ = imagenet.compute_loss(args, model(images), teacher_out, labels, epoch=0)
+        total.backward()
+        assert student.fc.weight.grad is not None and student.fc.weight.grad.abs().sum() > 0, loss
+
+
 def test_teacher_then_distil_then_evaluate(data_dir, teacher_ckpt, tmp_path):
     """resnet18 teacher (ce, the fixture) → student with adaptconf, reviewkd, and augconf without labels
     (--gt-weight 0, Table 2b style) → --eval-only. kd runs in the torchrun test, fitnet in the resume test."""
