@@ -819,7 +819,7 @@ def evaluate(model, images, labels, rank, world, args, prepare, autocast, teache
     if teacher is not None:
         stats = all_reduce_sum(beta_stats).tolist()
         result.update(beta_mean=stats[0] / max(n, 1), beta_frac_half=stats[1] / max(n, 1),
-                      beta_hist=[int(c) for c in stats[2:]])
+                      beta_hist=[c / max(n, 1) for c in stats[2:]])   # fractions, as in Figure 3
     return result
 
 

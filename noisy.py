@@ -658,7 +658,7 @@ class EpochStats:
             hist = all_reduce_sum(self.beta_hist.clone())
             beta = all_reduce_sum(self.beta_sum.clone())
             record.update(beta_mean=(beta[0] / hist.sum()).item(), beta_frac_half=(beta[1] / hist.sum()).item(),
-                          beta_hist=[int(v) for v in hist.tolist()])
+                          beta_hist=(hist / hist.sum()).tolist())   # fractions, as in Figure 3
         return record
 
 

@@ -157,7 +157,8 @@ def test_each_loss_trains(tmp_path, teacher_ckpt, loss):
         assert ckpt["heads"], "the feature loss's trainable heads must be saved for --resume"
     if loss == "adaptconf":   # Figure 3 data: β over the test set
         assert 0 < record["beta_mean"] <= 0.5 and 0 <= record["beta_frac_half"] <= 1
-        assert len(record["beta_hist"]) == 10 and sum(record["beta_hist"]) == 33
+        assert len(record["beta_hist"]) == 10 and sum(record["beta_hist"]) == pytest.approx(1.0)
+        assert record["beta_hist"][-1] >= record["beta_frac_half"]   # β = 0.5 falls in the last bin
 
 
 def test_teacher_only_training_ignores_labels(tmp_path, teacher_ckpt):
