@@ -240,6 +240,17 @@ def test_torchrun_two_processes_train_and_evaluate_every_episode_once(data_dir, 
     single = run(data_dir, tmp_path / "single", "--model", "resnet12", "--eval-only", out / "checkpoint.pt",
                  "--test-episodes", "41")
     assert ddp["test"] == pytest.approx(single["test"], abs=1e-9)
+    # the meta stage under DDP: episodes split over the two processes, initialised from the classifier stage
+    meta = tmp_path / "meta_ddp"
+    run_torchrun("fewshot.py", ["--data-dir", data_dir, "--out", meta, *TINY, "--stage", "meta", "--model",
+                                "resnet12", "--init", out / "checkpoint.pt", "--loss", "adaptconf", "--teacher",
+                                "resnet12", "--teacher-ckpt", teacher_ckpt, "--epochs", "1", "--batches-per-epoch",
+                                "2", "--episodes-per-batch", "1", "--test-episodes", "41"])
+    (record,) = read_log(meta)
+    assert record["loss_distill"] > 0 and 0 < record["beta_mean"] <= 0.5
+    single = run(data_dir, tmp_path / "single_meta", "--model", "resnet12", "--eval-only", meta / "checkpoint.pt",
+                 "--test-episodes", "41")
+    assert json.loads((meta / "results.json").read_text())["test"] == pytest.approx(single["test"], abs=1e-9)
 
 
 def test_benchmark_runs_on_synthetic_images(capsys):
