@@ -80,8 +80,9 @@ def setup_distributed():
 
 
 def cleanup_distributed():
+    # no barrier: a process that stops on an error must exit (torchrun then stops the others) instead of waiting in a
+    # collective that the others, still training, will never join
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()
         dist.destroy_process_group()
 
 

@@ -71,8 +71,9 @@ def setup_distributed():
 
 
 def cleanup_distributed():
+    # no barrier: a process that stops on an error must exit (torchrun then stops the others) instead of waiting in a
+    # collective that the others, still training, will never join
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()
         dist.destroy_process_group()
 
 
@@ -381,7 +382,7 @@ def build_data(args, rank, world_size, splits=("train", "val")):
     normalize = transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)
     train_tf = transforms.Compose([transforms.RandomResizedCrop(args.image_size), transforms.RandomHorizontalFlip(),
                                    transforms.ToTensor(), normalize])
-    eval_tf = transforms.Compose([transforms.Resize(round(args.image_size / args.crop_fraction)),
+    eval_tf = transforms.Compose([transforms.Resize(int(args.image_size / args.crop_fraction)),
                                   transforms.CenterCrop(args.image_size), transforms.ToTensor(), normalize])
     val_set = image_folder(args.data_dir, "val", eval_tf)
     common = dict(batch_size=args.batch_size, num_workers=args.workers, pin_memory=torch.cuda.is_available())

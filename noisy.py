@@ -93,8 +93,9 @@ def setup_distributed():
 
 
 def cleanup_distributed():
+    # no barrier: a process that stops on an error must exit (torchrun then stops the others) instead of waiting in a
+    # collective that the others, still training, will never join
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()
         dist.destroy_process_group()
 
 
@@ -437,6 +438,7 @@ def mixup(x, alpha, gen, np_rng):
 def embed_all(raw_model, x, normalize, batch_size, rank, world_size, use_amp):
     """(N, D) float32 L2-normalised embeddings of all training images without augmentation (eval-mode BN); each
     process embeds rows rank::world_size and a sum all-reduce gives every process all of them."""
+    broadcast_buffers(raw_model)   # every process embeds with rank 0's BatchNorm statistics
     raw_model.eval()
     rows = torch.arange(rank, len(x), world_size, device=x.device)
     dim = raw_model.head.out_features
@@ -523,7 +525,8 @@ def selcl_contrastive_loss(embed, pairs, perms, lams, temperature):
     eye = torch.eye(b, dtype=torch.bool, device=pairs.device)
     positives = (pairs | eye).repeat(1, 2)                                       # (B, 2B): image i's positives
     not_self = ~torch.eye(2 * b, dtype=torch.bool, device=pairs.device)
-    logits = embed.float() @ embed.float().T / temperature                       # (2B, 2B)
+    with torch.autocast(embed.device.type, enabled=False):   # in bf16, logits/0.1 would lose ~4% of the gradient
+        logits = embed.float() @ embed.float().T / temperature                   # (2B, 2B)
     log_prob = logits - torch.logsumexp(logits.masked_fill(~not_self, -float("inf")), dim=1, keepdim=True)
 
     def mean_log_prob(mask):                                                     # mask (2B, 2B) bool
@@ -654,9 +657,9 @@ class EpochStats:
                                             [torch.tensor(float(self.steps), device=self.device)]))
         record = {n: (totals[i] / totals[-1]).item() for i, n in enumerate(names)}
         record.update(self.extra)
-        if self.beta_hist.sum() > 0:
-            hist = all_reduce_sum(self.beta_hist.clone())
-            beta = all_reduce_sum(self.beta_sum.clone())
+        hist = all_reduce_sum(self.beta_hist.clone())   # collectives run on every rank, whatever its counts
+        beta = all_reduce_sum(self.beta_sum.clone())
+        if hist.sum() > 0:
             record.update(beta_mean=(beta[0] / hist.sum()).item(), beta_frac_half=(beta[1] / hist.sum()).item(),
                           beta_hist=(hist / hist.sum()).tolist())   # fractions, as in Figure 3
         return record

@@ -29,7 +29,8 @@ Choices where the official code shows nothing for a ViT student (documented, not
 - fitnet and rkd carry no signal for the classifier; with --gt-weight 0 they add the KD term (--kd-weight) so that
   the head learns from the teacher (the paper reports teacher-only numbers for both).
 - dkd needs a target class: the argmax of the (mixed) ground-truth target; so it needs --gt-weight > 0.
-- RandAugment is torchvision's (fixed magnitude 9); timm's rand-m9-mstd0.5-inc1 also jitters the magnitude.
+- RandAugment is torchvision's with 11 magnitude bins, so m9 is 9/10 of each range as in timm; timm's rand-m9-mstd0.5-inc1
+  also jitters the magnitude and applies each op with probability 0.5.
 """
 import argparse
 import json
@@ -72,8 +73,9 @@ def setup_distributed():
 
 
 def cleanup_distributed():
+    # no barrier: a process that stops on an error must exit (torchrun then stops the others) instead of waiting in a
+    # collective that the others, still training, will never join
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()
         dist.destroy_process_group()
 
 
@@ -471,7 +473,10 @@ def build_transforms(args):
     train = [transforms.RandomResizedCrop(args.input_size, scale=(0.08, 1.0), interpolation=bicubic),
              transforms.RandomHorizontalFlip()]
     if args.randaug_magnitude > 0:
-        train.append(transforms.RandAugment(num_ops=2, magnitude=args.randaug_magnitude, interpolation=bicubic))
+        # 11 bins: magnitude 9 is 9/10 of each op's range, as timm's m9 in MAE's recipe (torchvision's default 31
+        # bins would make m9 three times weaker)
+        train.append(transforms.RandAugment(num_ops=2, magnitude=args.randaug_magnitude, num_magnitude_bins=11,
+                                            interpolation=bicubic))
     train += [transforms.ToTensor(), transforms.Normalize(MEAN, STD)]
     if args.reprob > 0:
         train.append(transforms.RandomErasing(p=args.reprob, value="random"))   # per-pixel normal noise, as timm
@@ -665,6 +670,8 @@ def train_one_epoch(args, student, teacher, regressor, loader, optimizer, mixer,
 def evaluate(forward, dataset, args, rank, world_size, device):
     """Top-1/top-5 in percent over the whole set: each process takes indices rank::world_size (no padding), the
     correct counts and totals are summed over processes."""
+    if isinstance(forward, nn.Module):
+        forward.eval()   # no drop path: score the deterministic model that is saved (train_one_epoch sets .train())
     shard = torch.utils.data.Subset(dataset, range(rank, len(dataset), world_size))
     loader = torch.utils.data.DataLoader(shard, batch_size=args.batch_size, shuffle=False, num_workers=args.workers,
                                          pin_memory=torch.cuda.is_available())

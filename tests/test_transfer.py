@@ -179,6 +179,23 @@ def test_drop_path_grows_linearly_and_only_acts_in_training():
     assert torch.equal(transfer.drop_path(x, 0.25, training=False), x)
 
 
+def test_evaluate_scores_the_deterministic_model():
+    """evaluate() must switch drop path off: the same weights scored twice give identical counts, equal to an
+    eval-mode forward."""
+    model = transfer.VisionTransformer(3, img_size=32, drop_path=0.5, patch_size=8, dim=32, depth=4, heads=2,
+                                       mlp_dim=64).train()
+    torch.manual_seed(0)
+    x, y = torch.randn(40, 3, 32, 32), torch.randint(0, 3, (40,))
+    data = torch.utils.data.TensorDataset(x, y)
+    args = transfer.parse_args(["--batch-size", "8", "--workers", "0"])
+    first = transfer.evaluate(model, data, args, 0, 1, torch.device("cpu"))
+    model.train()
+    assert transfer.evaluate(model, data, args, 0, 1, torch.device("cpu")) == first
+    with torch.no_grad():
+        expected = 100.0 * (model.eval()(x).argmax(1) == y).float().mean().item()
+    assert first[0] == pytest.approx(expected) and first[2] == 40
+
+
 # ---- recipe: layer-wise lr decay, weight decay, schedule -------------------------------------------------------------
 
 def test_layer_decay_groups_carry_the_right_lr_scale_and_weight_decay():
