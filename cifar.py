@@ -219,7 +219,9 @@ class CifarNet(nn.Module):
         logits = getattr(self, self.head)(embed)
         return (logits, maps + [embed]) if features else logits
 
-    def init_like_repdistiller(self):
+    def init_like_repdistiller(self, linear="default"):
+        """RepDistiller's initialisation; `linear`: "default" (ResNet: PyTorch's), "zero_bias" (WRN) or "normal"
+        (VGG, MobileNetV2: N(0, 0.01) weights, zero bias)."""
         for m in self.modules():
             if isinstance(m, nn.Conv2d):   # N(0, sqrt(2 / (k·k·out))), i.e. Kaiming fan-out
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -227,6 +229,10 @@ class CifarNet(nn.Module):
                     nn.init.zeros_(m.bias)
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear) and linear != "default":
+                if linear == "normal":
+                    nn.init.normal_(m.weight, 0.0, 0.01)
                 nn.init.zeros_(m.bias)
         return self
 
@@ -297,7 +303,7 @@ class WideResNet(CifarNet):
                                                    (1 if i == 0 else 2) if j == 0 else 1) for j in range(n)])
             setattr(self, f"block{i + 1}", group)
         self.bn1, self.fc = bn(widths[3]), nn.Linear(widths[3], num_classes)
-        self.init_like_repdistiller()
+        self.init_like_repdistiller("zero_bias")
 
     def stem(self, x):
         return self.conv1(x)
@@ -330,7 +336,7 @@ class VGG(CifarNet):
                 cin = w
             setattr(self, f"block{i}", nn.Sequential(*layers[:-1]))
         self.classifier = nn.Linear(512, num_classes)
-        self.init_like_repdistiller()
+        self.init_like_repdistiller("normal")
 
     def stem(self, x):
         return F.relu(self.block0(x))
@@ -445,7 +451,7 @@ class MobileNetV2(CifarNet):
             cin = cout
         self.conv2 = nn.Sequential(conv(cin, 1280, 1), bn(1280), nn.ReLU(inplace=True))
         self.classifier = nn.Sequential(nn.Linear(1280, num_classes))
-        self.init_like_repdistiller()
+        self.init_like_repdistiller("normal")
 
     def stem(self, x):
         return self.conv1(x)
@@ -654,7 +660,8 @@ class HintRegressors(nn.Module):
 
 
 class ReviewHeads(ReviewKDFusion):
-    """ReviewKD on all stage maps plus the pooled embedding as a 1x1 map (mdistiller's CIFAR setting)."""
+    """ReviewKD on all stage maps plus the pooled embedding as a 1x1 map (mdistiller's CIFAR layout; its teacher maps
+    are pre-activation, ours post-activation, the same maps every other loss uses)."""
 
     def forward(self, feats):
         return super().forward(feats[:-1] + [feats[-1][:, :, None, None]])
@@ -781,8 +788,9 @@ def train_one_epoch(net, teacher, optimizer, train_x, train_y, epoch, args, rank
     steps = (len(train_x) // world) // args.batch_size
     order = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(args.seed * 100003 + epoch))
     shard = order[:steps * args.batch_size * world][rank::world].to(train_x.device)   # same for every rank's seed
-    # augmentation: seed + rank, re-seeded each epoch, so a resumed run draws exactly what an uninterrupted one would
-    gen = torch.Generator(device=train_x.device).manual_seed((args.seed + rank) * 100003 + epoch)
+    # augmentation: per seed and rank (seed s rank r+1 never equals seed s+1 rank r, nor the shuffling seed above),
+    # re-seeded each epoch, so a resumed run draws exactly what an uninterrupted one would
+    gen = torch.Generator(device=train_x.device).manual_seed((args.seed * 1009 + rank + 1) * 1000003 + epoch)
     net.train()
     losses, sums = torch.zeros(steps, device=train_x.device), {}
     for step in range(steps):
@@ -795,18 +803,19 @@ def train_one_epoch(net, teacher, optimizer, train_x, train_y, epoch, args, rank
 
 
 @torch.no_grad()
-def evaluate(model, images, labels, rank, world, args, prepare, autocast, teacher=None):
+def evaluate(model, images, labels, rank, world, args, prepare, teacher=None):
     """Top-1/top-5 on the whole test set: each process takes images rank::world (no padding, no duplicates) and the
-    correct counts and totals are summed over processes. With a teacher, also the Eq. 2 β statistics (Figure 3)."""
+    correct counts and totals are summed over processes. With a teacher, also the Eq. 2 β statistics (Figure 3).
+    Runs in float32 without autocast: bf16 logits tie or swap the top class for ~1% of images, and β = 0.5 counts
+    exact agreement, so the figures would depend on the precision (10,000 images cost little either way)."""
     was_training = model.training
     model.eval()
     counts = torch.zeros(3, device=images.device)        # top-1 correct, top-5 correct, images
     beta_stats = torch.zeros(12, device=images.device)   # Σβ, #(β = 0.5), 10-bin histogram over [0, 0.5]
     for idx in torch.arange(rank, len(images), world, device=images.device).split(args.eval_batch_size):
         x = prepare(images[idx].float())
-        with autocast():
-            logits = model(x).float()
-            t_logits = teacher(x).float() if teacher is not None else None
+        logits = model(x).float()
+        t_logits = teacher(x).float() if teacher is not None else None
         counts[:2] += topk_correct(logits, labels[idx], (1, 5))
         counts[2] += len(idx)
         if teacher is not None:
@@ -875,8 +884,7 @@ def main(args):
     if args.eval_only:
         model = build_model(args.model, classes)
         load_weights(model, load_state_dict(args.eval_only), f"--eval-only checkpoint {args.eval_only}")
-        metrics = evaluate(model.to(device, memory_format=memory_format), test_x, test_y, rank, world, args, prepare,
-                           autocast)
+        metrics = evaluate(model.to(device, memory_format=memory_format), test_x, test_y, rank, world, args, prepare)
         result = {**metrics, "checkpoint": args.eval_only, "args": vars(args)}
         if rank == 0:
             print(f"eval {args.model} from {args.eval_only}: top1 {metrics['top1']:.2f}  top5 {metrics['top5']:.2f}  "
@@ -913,7 +921,7 @@ def main(args):
         start_epoch, best, seconds = ckpt["epoch"], ckpt["best"], ckpt["seconds"]
         if rank == 0:
             trim_log(args.out, start_epoch)
-    teacher_metrics = evaluate(teacher, test_x, test_y, rank, world, args, prepare, autocast) if teacher else None
+    teacher_metrics = evaluate(teacher, test_x, test_y, rank, world, args, prepare) if teacher else None
     if rank == 0:
         print(f"{args.model} <- {args.teacher or 'labels'} ({args.loss}) on {args.dataset}: {len(train_x)} train / "
               f"{len(test_x)} test images, {classes} classes; {world} process(es) on {device}, bf16 {use_amp}; "
@@ -934,9 +942,12 @@ def main(args):
         bad = next((i for i, v in enumerate(step_losses) if not math.isfinite(v)), None)
         if bad is not None:
             check_finite(torch.tensor(step_losses[bad]), epoch, bad)
+        if not all(map(math.isfinite, mean_values)):   # another process diverged: stop every process together
+            raise FloatingPointError(f"the loss became non-finite on another process in epoch {epoch}; lower --lr, "
+                                     "or check the data and the teacher checkpoint")
         train_seconds = time.time() - start
         broadcast_buffers(model)   # every process scores the BN statistics rank 0 saves
-        metrics = evaluate(model, test_x, test_y, rank, world, args, prepare, autocast,
+        metrics = evaluate(model, test_x, test_y, rank, world, args, prepare,
                            teacher if args.loss == "adaptconf" else None)
         seconds += time.time() - start
         if metrics["top1"] > best["top1"]:
@@ -951,8 +962,8 @@ def main(args):
                              "optimizer": optimizer.state_dict(), "epoch": epoch + 1, "args": vars(args),
                              "best": best, "seconds": seconds}, os.path.join(args.out, "checkpoint.pt"))
 
-    final_metrics = metrics if start_epoch < stop else evaluate(model, test_x, test_y, rank, world, args, prepare,
-                                                                 autocast)
+    final_metrics = metrics if start_epoch < stop else evaluate(model, test_x, test_y, rank, world, args,
+                                                                              prepare)
     results = {"top1": final_metrics["top1"], "top5": final_metrics["top5"], "evaluated": final_metrics["evaluated"],
                "best_top1": best["top1"], "best_top5": best["top5"], "best_epoch": best["epoch"],
                "teacher_top1": teacher_metrics["top1"] if teacher_metrics else None, "epochs_done": stop,
