@@ -29,8 +29,8 @@ Choices where the official code shows nothing for a ViT student (documented, not
 - fitnet and rkd carry no signal for the classifier; with --gt-weight 0 they add the KD term (--kd-weight) so that
   the head learns from the teacher (the paper reports teacher-only numbers for both).
 - dkd needs a target class: the argmax of the (mixed) ground-truth target; so it needs --gt-weight > 0.
-- RandAugment is torchvision's with 11 magnitude bins, so m9 is 9/10 of each range as in timm; timm's rand-m9-mstd0.5-inc1
-  also jitters the magnitude and applies each op with probability 0.5.
+- RandAugment is torchvision's with 11 magnitude bins, so m9 is 9/10 of each range as in timm; timm's
+  rand-m9-mstd0.5-inc1 also jitters the magnitude and applies each op with probability 0.5.
 """
 import argparse
 import json
@@ -680,8 +680,7 @@ def evaluate(forward, dataset, args, rank, world_size, device):
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         if device.type == "cuda":
             images = images.contiguous(memory_format=torch.channels_last)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.amp and images.is_cuda):
-            logits = forward(images)
+        logits = forward(images)   # float32, no autocast: bf16 logits tie or swap the top class for ~1% of images
         counts[:2] += topk_correct(logits.float(), labels, (1, 5)).to(counts)
         counts[2] += len(labels)
     all_reduce_sum(counts)
