@@ -297,13 +297,13 @@ def test_benchmark_runs(tmp_path, capsys):
 
 
 def test_real_cifar100_weak_teacher_then_stronger_student(tmp_path, cifar100_dir):
-    """A resnet8 teacher trained with ce on 2,000 real images, then a resnet14 student distilled from its checkpoint
-    with adaptconf; both must beat chance (1%) clearly on 1,001 test images."""
-    common = ["--data-dir", cifar100_dir, "--augment", "classic", "--train-subset", "2000", "--test-subset", "1001",
+    """A resnet8 teacher trained with ce on 4,000 real images, then a resnet14 student distilled from its checkpoint
+    with adaptconf; both must beat chance (1%) clearly on 1,001 test images (measured: 7.4% and 6.8%)."""
+    common = ["--data-dir", cifar100_dir, "--augment", "classic", "--train-subset", "4000", "--test-subset", "1001",
               "--epochs", "3", "--batch-size", "32", "--warmup-epochs", "0"]   # lr below: 0.2 and 0.1 at batch 32
     teacher = run(*common, "--lr", "3.2", "--model", "resnet8", "--loss", "ce", "--out", tmp_path / "teacher")
     student = run(*common, "--lr", "1.6", "--model", "resnet14", "--loss", "adaptconf", "--teacher", "resnet8",
                   "--teacher-ckpt", tmp_path / "teacher" / "checkpoint.pt", "--out", tmp_path / "student")
     assert teacher["evaluated"] == student["evaluated"] == 1001
-    assert teacher["top1"] > 3.0 and student["top1"] > 3.0, (teacher["top1"], student["top1"])
+    assert teacher["top1"] > 4.0 and student["top1"] > 4.0, (teacher["top1"], student["top1"])
     assert student["teacher_top1"] == pytest.approx(teacher["top1"])
