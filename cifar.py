@@ -962,8 +962,7 @@ def main(args):
                              "optimizer": optimizer.state_dict(), "epoch": epoch + 1, "args": vars(args),
                              "best": best, "seconds": seconds}, os.path.join(args.out, "checkpoint.pt"))
 
-    final_metrics = metrics if start_epoch < stop else evaluate(model, test_x, test_y, rank, world, args,
-                                                                              prepare)
+    final_metrics = metrics if start_epoch < stop else evaluate(model, test_x, test_y, rank, world, args, prepare)
     results = {"top1": final_metrics["top1"], "top5": final_metrics["top5"], "evaluated": final_metrics["evaluated"],
                "best_top1": best["top1"], "best_top5": best["top5"], "best_epoch": best["epoch"],
                "teacher_top1": teacher_metrics["top1"] if teacher_metrics else None, "epochs_done": stop,
