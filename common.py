@@ -19,7 +19,7 @@ import torch.nn.functional as F
 __all__ = [
     "kd_loss", "kd_per_sample", "augconf_alpha", "augconf_loss", "adaptconf_beta", "adaptconf_loss",
     "dkd_terms", "dkd_loss", "rkd_loss", "FeatureRegressor", "hint_loss", "ABF", "ReviewKDFusion", "hcl_loss",
-    "topk_correct", "accuracy",
+    "topk_correct", "accuracy", "beta_counts", "beta_summary",
 ]
 
 
@@ -342,3 +342,19 @@ def topk_correct(logits, targets, topk=(1, 5)):
 def accuracy(logits, targets, topk=(1, 5)):
     """List of top-k accuracies in percent, one per k in `topk`."""
     return (topk_correct(logits, targets, topk) * (100.0 / max(len(targets), 1))).tolist()
+
+
+@torch.no_grad()
+def beta_counts(beta):
+    """Figure 3's statistics of β (Eq. 2) for one batch as sums, a (13,) float tensor: [samples, Σβ, #(β = 0.5),
+    10-bin histogram of β over [0, 0.5]]. Add them over batches and processes (no host sync), then beta_summary."""
+    beta = beta.detach().float().flatten()
+    return torch.cat([beta.new_full((1,), float(len(beta))), beta.sum().view(1), (beta == 0.5).sum().view(1).float(),
+                      torch.histc(beta, bins=10, min=0.0, max=0.5)])
+
+
+def beta_summary(counts, prefix="beta"):
+    """{prefix_mean, prefix_frac_half, prefix_hist (fraction of samples per bin)} from summed beta_counts."""
+    n, total, half, *hist = counts.tolist()
+    n = max(n, 1.0)
+    return {f"{prefix}_mean": total / n, f"{prefix}_frac_half": half / n, f"{prefix}_hist": [h / n for h in hist]}

@@ -421,3 +421,19 @@ def test_losses_compute_in_float32_under_bf16_autocast():
 def test_mismatched_logits_raise_value_error(fn):
     with pytest.raises(ValueError, match="same shape"):
         fn(torch.randn(4, 10), torch.randn(4, 100))
+
+
+def test_beta_counts_and_summary_match_a_loop():
+    """Figure 3's β statistics against a plain loop: summed over two batches, as a script accumulates them."""
+    torch.manual_seed(0)
+    batches = [torch.rand(37) * 0.5, torch.tensor([0.5, 0.5, 0.0, 0.05, 0.4999, 0.25])]
+    counts = sum(common.beta_counts(b) for b in batches)
+    summary = common.beta_summary(counts, prefix="train_beta")
+    values = [float(v) for b in batches for v in b]
+    hist = [0] * 10
+    for v in values:
+        hist[min(int(v / 0.05), 9)] += 1   # bins [0, .05), ..., [.45, .5]: 0.5 itself falls in the last bin
+    assert summary["train_beta_mean"] == pytest.approx(sum(values) / len(values))
+    assert summary["train_beta_frac_half"] == pytest.approx(sum(v == 0.5 for v in values) / len(values))
+    assert summary["train_beta_hist"] == pytest.approx([h / len(values) for h in hist])
+    assert set(summary) == {"train_beta_mean", "train_beta_frac_half", "train_beta_hist"}
