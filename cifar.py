@@ -1,51 +1,31 @@
-"""Weak-to-strong distillation on CIFAR-100 / CIFAR-10: the paper's Tables 1, 2a, 2b and Figures 2-3.
+"""Weak-to-strong distillation on CIFAR-100 / CIFAR-10: Tables 1, 2a, 2b and Figures 2-3 of "Vision Superalignment"
+(Guo et al., arXiv 2402.03749), on the RepDistiller/mdistiller model zoo (their checkpoints load with strict=True).
 
-Trains a teacher (`--loss ce`) or distils a frozen weak teacher into a stronger student with one of
-kd | fitnet | rkd | reviewkd | dkd | augconf (Eq. 1, Burns 2023) | adaptconf (Eq. 2, the paper's AdaptConf), on the
-RepDistiller/mdistiller CIFAR model zoo (published teacher checkpoints load with strict=True).
+    # a weak teacher, then a strong student distilled from it with AdaptConf (Eq. 2); --gt-weight 0 = Table 2b
+    python cifar.py --data-dir data --model resnet20 --loss ce --out runs/resnet20
+    torchrun --nproc_per_node=8 cifar.py --data-dir data --model resnet56 --loss adaptconf --teacher resnet20 \
+        --teacher-ckpt runs/resnet20/checkpoint.pt --out runs/resnet56_adaptconf
+    python cifar.py --dataset synthetic --model resnet8 --epochs 2          # no data, a CPU, under a minute
 
-    # a weak teacher, then a strong student distilled from it (Table 1, first column)
-    python cifar.py --data-dir ../shared/data --model resnet20 --loss ce --out runs/t_resnet20
-    python cifar.py --data-dir ../shared/data --model resnet56 --loss adaptconf \
-        --teacher resnet20 --teacher-ckpt runs/t_resnet20/checkpoint.pt --out runs/resnet56_adaptconf
-    # the paper's setting: 8 GPUs x 64 = global batch 512, lr 0.2
-    torchrun --nproc_per_node=8 cifar.py --data-dir ../shared/data --model resnet32x4 --loss adaptconf \
-        --teacher ShuffleV1 --teacher-ckpt runs/t_shufflev1/checkpoint.pt --out runs/r32x4_adaptconf
-    # teacher-only training (Table 2b): labels are only used for evaluation
-    python cifar.py ... --gt-weight 0
-    # no data at hand: the whole pipeline on a small learnable in-memory data set, under a minute on a CPU
-    python cifar.py --dataset synthetic --model resnet8 --epochs 3 --batch-size 64
-    # throughput of one training step (student + teacher + loss + augmentation), synthetic tensors
-    python cifar.py --benchmark 50 --model resnet32x4 --teacher ShuffleV1 --loss adaptconf --batch-size 512
-
-Paper (Vision Superalignment, arXiv 2402.03749), CIFAR-100 top-1, mean of 3 runs: e.g. resnet20 (68.93) -> resnet56
-72.94 from scratch, 74.17 with AdaptConf (Table 1); ShuffleV1 (72.40) -> resnet32x4 79.90 / 80.99 (Table 2a), 78.48
-without labels (Table 2b). Throughput: unmeasured here (no GPU in the session that wrote this file); the target is
->= 20,000 images/s for resnet32x4 + ShuffleV1 + adaptconf at batch 512 on one H100/H200.
-
-Recipe (defaults = the paper's appendix and official code): 240 epochs, SGD with Nesterov momentum 0.9 (timm's "sgd",
-as the official code), weight decay 5e-4 on weights but not on biases/BN (timm's default), lr 0.2 for a global batch
-of 512 with 10 linear warm-up epochs then cosine to 2e-3, both applied per step. The lr scales linearly with the
-global batch: lr_used = --lr x (batch-size x processes) / 512 (Goyal et al. 2017), printed at start. Augmentation
-`--augment paper`: random-resized-crop to 32 (scale 0.08-1, ratio 3/4-4/3) + flip, evaluation on resize-36 /
-centre-crop-32; `--augment classic` (mdistiller/RepDistiller): pad-4 random crop + flip, raw evaluation. The whole
-training set stays on the device as uint8 and is augmented there in batches (no DataLoader).
-
-Outputs (--out DIR, rank 0): log.jsonl (per epoch: lr, loss terms, top1/top5, images evaluated, images/s; for
-adaptconf the β of Eq. 2 on the test set: mean, fraction = 0.5, 10-bin histogram = Figure 3), results.json and an
-atomic checkpoint.pt each epoch (usable as --teacher-ckpt); --resume continues it exactly; --eval-only CKPT evaluates.
-
-Intermediate features: `model(x, features=True)` returns (logits, [stage maps shallow -> deep..., pooled embedding]);
-the maps are the outputs of each stage after the stem (mdistiller's feats[1:]), the embedding is the (B, D) input of
-the classifier. FitNet regresses student maps onto teacher maps (all stages as in the official code, or the middle
-one as in mdistiller), RKD uses the embeddings, ReviewKD fuses all maps plus the embedding (as a 1x1 map).
+Paper, top-1 (mean of 3 runs): resnet20 (68.93) -> resnet56: 72.94 from scratch, 74.17 with AdaptConf (Table 1);
+ShuffleV1 (72.40) -> resnet32x4: 79.90 scratch, 80.99 AdaptConf (Table 2a), 78.48 without labels (Table 2b).
+Recipe (paper appendix, official cifar_v0.yaml on timm): 240 epochs, SGD-Nesterov 0.9, lr 0.2 at global batch 512
+(scaled linearly with the global batch), 10 warm-up epochs then cosine to 2e-3, weight decay 5e-4 (not on biases and
+BN), random-resized-crop + flip, evaluation resize 36 / centre-crop 32. The training set stays on the device as uint8
+and is augmented there in batches.
+- The lr warm-up and cosine are set per step (timm steps them per epoch).
+- FitNet regressors are conv + BN + ReLU (mdistiller's ConvReg), not the official bare 1x1 convolutions, which cannot
+  map the different spatial sizes of the Table 2 pairs.
+- Feature losses use post-activation stage outputs (mdistiller's ReviewKD uses pre-activation ones); without labels
+  (--gt-weight 0) FitNet, RKD and ReviewKD also learn the teacher's logits, or the classifier would get no signal.
 """
 import argparse
+import hashlib
 import json
 import math
 import os
 import pickle
-import random
+import sys
 import time
 
 import numpy as np
@@ -56,49 +36,64 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from common import (FeatureRegressor, ReviewKDFusion, adaptconf_beta, adaptconf_loss, augconf_alpha, augconf_loss,
-                    dkd_loss, hcl_loss, hint_loss, kd_loss, rkd_loss, topk_correct)
+                    beta_counts, beta_summary, dkd_loss, hcl_loss, hint_loss, kd_loss, rkd_loss, topk_correct)
 
-# ---- shared: DDP, seeding, logging, checkpoints ---------------------------------------------------------------
-# Copied on purpose, identically, into every script of this repository (tests/test_copies.py keeps the copies equal),
-# so that each script reads end to end on its own. Edit all copies together.
+# ---- shared: DDP, seeding, logging, checkpoints -----------------------------------------------------------------
+# Copied on purpose, identically, into every script (tests/test_copies.py keeps the copies equal): edit all together.
 
 def setup_distributed():
-    """Returns (rank, world_size, device). torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; plain `python` is rank 0 of 1."""
+    """(rank, world_size, device). torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; plain `python` is rank 0 of 1."""
     if "RANK" not in os.environ:
         return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rank, world_size, local_rank = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device)
-    else:
-        device = torch.device("cpu")
-        dist.init_process_group("gloo")
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return rank, world_size, device
 
 
 def cleanup_distributed():
-    # no barrier: a process that stops on an error must exit (torchrun then stops the others) instead of waiting in a
-    # collective that the others, still training, will never join
-    if dist.is_available() and dist.is_initialized():
+    """Leaves the process group; main calls it in `finally`. After success it first waits for every process (none
+    exits while another still writes); with an exception on its way out it leaves at once (torchrun stops the rest)."""
+    if dist.is_initialized():
+        if sys.exc_info()[0] is None:
+            dist.barrier()
         dist.destroy_process_group()
 
 
 def all_reduce_sum(tensor):
-    """Sums a tensor over all processes in place (no-op without DDP) and returns it."""
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    """Sums `tensor` over all processes in place (no-op without DDP) and returns it."""
+    if dist.is_initialized():
+        dist.all_reduce(tensor)
     return tensor
 
 
-def seed_everything(seed):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+def broadcast_buffers(model):
+    """Rank 0's BatchNorm statistics to every process before evaluating (DDP syncs them only in training forwards)."""
+    if dist.is_initialized():
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
+
+
+def seeded(*keys, device="cpu"):
+    """A torch.Generator seeded by a hash of `keys`, e.g. ("augment", seed, rank, epoch): every random stream is fixed
+    by what it is for, so --resume needs no saved RNG state and no two streams coincide."""
+    digest = hashlib.sha256(repr(keys).encode()).digest()
+    return torch.Generator(device).manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
+def check_finite(means, epoch):
+    """Stops on non-finite epoch means ({term: float}, averaged over processes, so all stop together); read once an
+    epoch, because a check per step would stall the GPU at every step."""
+    bad = [name for name, value in means.items() if not math.isfinite(value)]
+    if bad:
+        raise FloatingPointError(f"{', '.join(bad)} became non-finite in epoch {epoch}; lower --lr, or check the data "
+                                 "and the teacher checkpoint")
 
 
 def log_record(out_dir, record):
-    """Prints one readable line and appends the same fields as one JSON object to <out_dir>/log.jsonl (rank 0 only)."""
+    """Prints one readable line and appends the same fields as one JSON line to <out_dir>/log.jsonl (rank 0 only)."""
     print("  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                     for k, v in record.items() if not isinstance(v, (list, dict))), flush=True)
     if out_dir:
@@ -107,83 +102,55 @@ def log_record(out_dir, record):
 
 
 def trim_log(out_dir, start_epoch):
-    """On resume, drops log lines of epochs >= start_epoch (written after the checkpoint that is resumed)."""
+    """On resume: keeps the log lines of epochs < start_epoch (later ones were written after the checkpoint)."""
     path = os.path.join(out_dir, "log.jsonl")
-    if os.path.exists(path):
-        with open(path) as f:
-            kept = [line for line in f if line.strip() and json.loads(line).get("epoch", -1) < start_epoch]
-        save_atomic("".join(kept), path)
+    lines = open(path).readlines() if os.path.exists(path) else []
+    write_text("".join(line for line in lines if line.strip() and json.loads(line)["epoch"] < start_epoch), path)
+
+
+def write_text(text, path):
+    """Writes to a temporary name, then renames: a killed run never leaves a half-written file."""
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
 
 
 def save_atomic(obj, path):
-    """Writes to a temporary name, then renames: a killed run never leaves a half-written file. Strings are written
-    as text, dicts of plain values as JSON when `path` ends in .json, everything else with torch.save."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    if isinstance(obj, str):
-        with open(tmp, "w") as f:
-            f.write(obj)
-    elif path.endswith(".json"):
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2)
-    else:
-        torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """torch.save to a temporary name, then rename, as write_text does."""
+    torch.save(obj, path + ".tmp")
+    os.replace(path + ".tmp", path)
 
 
 def load_state_dict(path):
-    """Reads a checkpoint written by this repository, RepDistiller, mdistiller, the official code or torchvision:
-    {"model": sd}, {"state_dict": sd}, {"net": sd} or a bare state_dict, with or without a "module." prefix."""
+    """The state_dict in a checkpoint of ours, RepDistiller, mdistiller, the official code or torchvision/timm:
+    {"model": sd}, {"state_dict": sd}, {"net": sd} or a bare sd, "module." prefixes removed."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path} does not exist; pass the path of a trained model's checkpoint")
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    for key in ("model", "state_dict", "net"):
-        if isinstance(ckpt, dict) and isinstance(ckpt.get(key), dict):
-            ckpt = ckpt[key]
-            break
-    if not isinstance(ckpt, dict) or not all(isinstance(v, torch.Tensor) for v in ckpt.values()):
-        raise ValueError(f"{path} holds no state_dict (looked for 'model', 'state_dict', 'net' or a bare dict of "
-                         "tensors); pass a checkpoint saved from a model")
-    return {k.removeprefix("module."): v for k, v in ckpt.items()}
+    sd = next((ckpt[k] for k in ("model", "state_dict", "net") if isinstance(ckpt, dict)
+               and isinstance(ckpt.get(k), dict)), ckpt)
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ValueError(f"{path} holds no state_dict ('model', 'state_dict', 'net' or bare); pass a model checkpoint")
+    return {k.removeprefix("module."): v for k, v in sd.items()}
 
 
 def load_weights(model, state_dict, what):
-    """Strict load that names the first missing, unexpected or mismatching tensor instead of listing hundreds."""
+    """Strict load that names the first missing, unexpected or mis-shaped tensor instead of listing hundreds."""
     own = model.state_dict()
-    for name, tensor in own.items():
-        if name not in state_dict:
-            raise ValueError(f"{what}: tensor '{name}' is missing from the checkpoint; is it for a different model?")
-        if state_dict[name].shape != tensor.shape:
-            raise ValueError(f"{what}: tensor '{name}' has shape {tuple(state_dict[name].shape)} in the checkpoint but "
-                             f"{tuple(tensor.shape)} in the model; check the model name and the number of classes")
-    for name in state_dict:
-        if name not in own:
-            raise ValueError(f"{what}: the checkpoint has tensor '{name}' that the model lacks; is it for a different "
-                             "model?")
-    model.load_state_dict(state_dict, strict=True)
-
-
-def broadcast_buffers(model):
-    """Copies rank 0's buffers (BatchNorm running statistics) to every process; call before evaluating. DDP syncs them
-    only at the start of each training forward, so after an epoch each process holds those of its own last batch,
-    and without this the shards would be scored by slightly different models, none of them the one rank 0 saves."""
-    if dist.is_available() and dist.is_initialized():
-        for buffer in model.buffers():
-            dist.broadcast(buffer, src=0)
-
-
-def check_finite(loss, epoch, step):
-    """Stops the run at the first NaN/inf loss, saying where (one host sync)."""
-    if not torch.isfinite(loss).item():
-        raise FloatingPointError(f"the loss became {loss.item()} at epoch {epoch}, step {step}; lower --lr, or check "
-                                 "the data and the teacher checkpoint")
+    for name in [*own, *state_dict]:
+        problem = ("is missing from the checkpoint" if name not in state_dict else "is not in the model"
+                   if name not in own else None if state_dict[name].shape == own[name].shape else
+                   f"has shape {tuple(state_dict[name].shape)} in the checkpoint but {tuple(own[name].shape)} here")
+        if problem:
+            raise ValueError(f"{what}: tensor '{name}' {problem}; check the model name and the number of classes")
+    model.load_state_dict(state_dict)
 # ---- end shared --------------------------------------------------------------------------------------------------
 
 
-# ================================================================================================================
-# Models: the RepDistiller CIFAR zoo (also mdistiller's and the official code's). Module names and shapes follow the
-# published code exactly, so their checkpoints load with strict=True; parameter counts are in REFERENCE.md §3.
-# Every model shares CifarNet.forward: stem -> stages -> pre_pool -> global average pool -> classifier.
-# ================================================================================================================
+# ---- models: the RepDistiller CIFAR zoo (also mdistiller's and the official code's) ------------------------------
+# Module names and shapes as published, so their checkpoints load with strict=True. Every model shares
+# CifarNet.forward: stem -> stages -> pre_pool -> global average pool -> classifier. `model(x, features=True)` also
+# returns [stage maps shallow -> deep..., (B, D) pooled embedding] for the feature losses.
 
 def bn(c):
     return nn.BatchNorm2d(c)
@@ -485,12 +452,11 @@ def build_model(name, num_classes):
     return MODELS[name](num_classes)
 
 
-# ================================================================================================================
-# Data: uint8 tensors resident on the device, augmented there in batches
-# ================================================================================================================
+
+# ---- data: uint8 tensors resident on the device, augmented there in batches --------------------------------------
 
 MEAN_STD = {"cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-            "default": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))}   # CIFAR-100's, also for folder/synthetic
+            "default": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))}   # CIFAR-100's, also for synthetic
 CIFAR_FILES = {   # folder, training files, test files, label key, classes
     "cifar100": ("cifar-100-python", ["train"], ["test"], "fine_labels", 100),
     "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], "labels", 10)}
@@ -530,31 +496,6 @@ def read_cifar(data_dir, dataset):
     return (*read(train_files), *read(test_files), classes)
 
 
-def read_folder(data_dir, size=32):
-    """train/<class>/* and test/<class>/* image trees, resized to size x size; classes = sorted train folders."""
-    from PIL import Image
-    train_dir = os.path.join(data_dir, "train")
-    if not os.path.isdir(train_dir) or not os.path.isdir(os.path.join(data_dir, "test")):
-        raise FileNotFoundError(f"expected image folders {data_dir}/train/<class>/* and {data_dir}/test/<class>/*; "
-                                "fix --data-dir")
-    classes = sorted(d for d in os.listdir(train_dir) if os.path.isdir(os.path.join(train_dir, d)))
-
-    def read(split):
-        xs, ys = [], []
-        for label, name in enumerate(classes):
-            folder = os.path.join(data_dir, split, name)
-            for file in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
-                with Image.open(os.path.join(folder, file)) as img:
-                    xs.append(np.asarray(img.convert("RGB").resize((size, size), Image.BILINEAR)))
-                ys.append(label)
-        if not xs:
-            raise ValueError(f"no images found under {data_dir}/{split}/<class>/ for the classes {classes[:5]}...; "
-                             "every split needs images in the same class folders as train")
-        return torch.from_numpy(np.stack(xs)).permute(0, 3, 1, 2).contiguous(), torch.tensor(ys)
-
-    return (*read("train"), *read("test"), len(classes))
-
-
 def make_synthetic(classes=10, train=2048, test=1000, seed=1234):
     """A small learnable data set: per class a colour and a stripe orientation/frequency, plus pixel noise."""
     rng = np.random.default_rng(seed)
@@ -568,32 +509,6 @@ def make_synthetic(classes=10, train=2048, test=1000, seed=1234):
         return torch.from_numpy(np.clip(x, 0, 255).astype(np.uint8)), torch.from_numpy(y)
 
     return (*draw(train), *draw(test), classes)
-
-
-def load_data(args, device, rank):
-    """(train_x uint8 (N, 3, 32, 32), train_y, test_x uint8 already eval-transformed, test_y) on device, classes."""
-    if args.dataset in CIFAR_FILES:
-        if args.download:
-            if rank == 0:   # torchvision only to fetch the files; they are then read like any other copy
-                import torchvision
-                getattr(torchvision.datasets, args.dataset.upper())(args.data_dir, download=True)
-            if dist.is_available() and dist.is_initialized():
-                dist.barrier()
-        train_x, train_y, test_x, test_y, classes = read_cifar(args.data_dir, args.dataset)
-    elif args.dataset == "folder":
-        train_x, train_y, test_x, test_y, classes = read_folder(args.data_dir)
-    elif args.dataset == "synthetic":
-        train_x, train_y, test_x, test_y, classes = make_synthetic()
-    else:
-        raise ValueError(f"unknown dataset '{args.dataset}'")
-    if args.train_subset:
-        train_x, train_y = train_x[:args.train_subset], train_y[:args.train_subset]
-    if args.test_subset:
-        test_x, test_y = test_x[:args.test_subset], test_y[:args.test_subset]
-    if args.augment == "paper":   # evaluation: resize to 36, centre-crop 32 (rounded back to uint8, as PIL would)
-        big = F.interpolate(test_x.float(), size=36, mode="bilinear", align_corners=False, antialias=True)
-        test_x = big.round().clamp(0, 255).to(torch.uint8)[:, :, 2:34, 2:34].contiguous()
-    return train_x.to(device), train_y.to(device), test_x.to(device), test_y.to(device), classes
 
 
 def augment(x, recipe, gen):
@@ -629,20 +544,52 @@ def augment(x, recipe, gen):
     return F.grid_sample(x.float(), grid, mode=mode, padding_mode=padding, align_corners=False)
 
 
-# ================================================================================================================
-# Loss choice
-# ================================================================================================================
+def load_data(args, rank, world_size, device):
+    """(train_x, train_y, test_x, test_y, classes, normalize), all on the device: x uint8 (N, 3, 32, 32), the test
+    images already resized/cropped for evaluation; normalize maps pixels in [0, 255] to the network's input.
+    With --benchmark: random images, enough for the timed steps, and 100 classes."""
+    if args.benchmark:
+        n = args.batch_size * world_size * max(args.benchmark, 5)
+        gen = seeded("benchmark", args.seed)
+        train_x = torch.randint(0, 256, (n, 3, 32, 32), generator=gen, dtype=torch.uint8)
+        train_y, classes = torch.randint(0, 100, (n,), generator=gen), 100
+        test_x, test_y = train_x[:1], train_y[:1]
+    elif args.dataset in CIFAR_FILES:
+        if args.download:
+            if rank == 0:   # torchvision only to fetch the files; they are then read like any other copy
+                import torchvision
+                getattr(torchvision.datasets, args.dataset.upper())(args.data_dir, download=True)
+            if dist.is_initialized():
+                dist.barrier()
+        train_x, train_y, test_x, test_y, classes = read_cifar(args.data_dir, args.dataset)
+    else:
+        train_x, train_y, test_x, test_y, classes = make_synthetic()
+    if args.train_subset:
+        train_x, train_y = train_x[:args.train_subset], train_y[:args.train_subset]
+    if args.test_subset:
+        test_x, test_y = test_x[:args.test_subset], test_y[:args.test_subset]
+    if args.augment == "paper":   # evaluation: resize to 36, centre-crop 32 (rounded back to uint8, as PIL would)
+        big = F.interpolate(test_x.float(), size=36, mode="bilinear", align_corners=False, antialias=True)
+        test_x = big.round().clamp(0, 255).to(torch.uint8)[:, :, 2:34, 2:34].contiguous()
+    mean, std = (torch.tensor(v, device=device).view(1, 3, 1, 1) * 255
+                 for v in MEAN_STD.get(args.dataset, MEAN_STD["default"]))
+    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    normalize = lambda x: ((x - mean) / std).contiguous(memory_format=memory_format)
+    return train_x.to(device), train_y.to(device), test_x.to(device), test_y.to(device), classes, normalize
+
+
+# ---- loss choice -------------------------------------------------------------------------------------------------
 
 class Student(nn.Module):
-    """The model being trained plus the loss's trainable heads (FitNet regressors, ReviewKD fusion), as one module so
+    """The network being trained plus the loss's trainable heads (FitNet regressors, ReviewKD fusion), one module so
     that DDP averages the heads' gradients too. forward -> (logits, features, head outputs or None)."""
 
-    def __init__(self, model, heads=None):
+    def __init__(self, net, heads=None):
         super().__init__()
-        self.model, self.heads = model, heads
+        self.net, self.heads = net, heads
 
     def forward(self, x):
-        logits, feats = self.model(x, features=True)
+        logits, feats = self.net(x, features=True)
         return logits, feats, (self.heads(feats) if self.heads is not None else None)
 
 
@@ -660,24 +607,19 @@ class HintRegressors(nn.Module):
 
 
 class ReviewHeads(ReviewKDFusion):
-    """ReviewKD on all stage maps plus the pooled embedding as a 1x1 map (mdistiller's CIFAR layout; its teacher maps
-    are pre-activation, ours post-activation, the same maps every other loss uses)."""
+    """ReviewKD on all stage maps plus the pooled embedding as a 1x1 map (mdistiller's CIFAR layout)."""
 
     def forward(self, feats):
         return super().forward(feats[:-1] + [feats[-1][:, :, None, None]])
 
 
-def feature_shapes(model, image_size=32):
-    """[(C, H, W) of each stage map..., (D,) of the embedding], from one forward pass on zeros in eval mode."""
-    with torch.no_grad():   # eval: BN statistics stay untouched; training switches the student back to train mode
-        return [tuple(f.shape[1:]) for f in model.eval()(torch.zeros(2, 3, image_size, image_size), features=True)[1]]
-
-
-def build_heads(args, model, teacher):
+def build_heads(args, net, teacher):
     """The trainable modules a feature loss adds to the student (None for logit losses)."""
     if args.loss not in ("fitnet", "reviewkd"):
         return None
-    s_shapes, t_shapes = feature_shapes(model), feature_shapes(teacher)
+    with torch.no_grad():   # one forward on zeros in eval mode: [(C, H, W) per stage map..., (D,) of the embedding]
+        shapes = lambda m: [tuple(f.shape[1:]) for f in m.eval()(torch.zeros(2, 3, 32, 32), features=True)[1]]
+        s_shapes, t_shapes = shapes(net), shapes(teacher)
     if len(s_shapes) != len(t_shapes) and (args.loss == "reviewkd" or args.fitnet_stages == "all"):
         raise ValueError(f"{args.loss} pairs stages one to one, but {args.model} has {len(s_shapes) - 1} stages and "
                          f"{args.teacher} {len(t_shapes) - 1}; pick models with as many stages"
@@ -690,7 +632,7 @@ def build_heads(args, model, teacher):
                        mid_channels=min(512, s_shapes[-1][0]))
 
 
-def loss_terms(args, epoch, labels, student_out, teacher_out):
+def loss_terms(args, epoch, student_out, teacher_out, labels):
     """{name: scalar} whose sum is the training loss. student_out = (logits, feats, head outputs); teacher_out =
     (logits, feats) or None. Labels enter only through the ground-truth term (and DKD, which needs the target)."""
     logits, feats, heads_out = student_out
@@ -704,7 +646,7 @@ def loss_terms(args, epoch, labels, student_out, teacher_out):
     elif args.loss == "kd":
         terms["kd"] = args.kd_weight * kd_loss(logits, t_logits, T=args.kd_T)
     elif args.loss == "augconf":   # Eq. 1: (1 - α)·KD + α·CE(s, argmax s), α ramped over the first 30% of epochs
-        alpha = augconf_alpha(epoch, args.epochs, args.alpha_max, args.alpha_ramp)
+        alpha = augconf_alpha(epoch, args.epochs, args.alpha_max)
         terms["augconf"] = args.kd_weight * augconf_loss(logits, t_logits, alpha, T=args.kd_T)
     elif args.loss == "adaptconf":   # Eq. 2: per-sample β = confidence weight, detached
         terms["adaptconf"] = args.kd_weight * adaptconf_loss(logits, t_logits, tau=args.tau, T=args.kd_T)
@@ -712,7 +654,7 @@ def loss_terms(args, epoch, labels, student_out, teacher_out):
         terms["dkd"] = ramp(args.dkd_warmup) * dkd_loss(logits, t_logits, labels, args.dkd_alpha, args.dkd_beta,
                                                         args.dkd_T)
     elif args.loss == "rkd":   # relations between the pooled embeddings of the batch
-        terms["rkd"] = rkd_loss(feats[-1], t_feats[-1], args.rkd_distance, args.rkd_angle)
+        terms["rkd"] = rkd_loss(feats[-1], t_feats[-1])   # weights 25, 50
     elif args.loss == "fitnet":
         terms["fitnet"] = args.fitnet_weight * sum(hint_loss(s, t_feats[i]) for s, i in heads_out)
     elif args.loss == "reviewkd":
@@ -721,277 +663,211 @@ def loss_terms(args, epoch, labels, student_out, teacher_out):
     else:
         raise ValueError(f"unknown loss '{args.loss}'")
     if args.gt_weight == 0 and args.loss in ("fitnet", "rkd", "reviewkd"):
-        # teacher-only training (Table 2b): a feature loss gives the classifier no signal, so the student also
-        # learns the teacher's logits (the same choice as imagenet.py and transfer.py)
+        # teacher-only training (Table 2b): a feature loss gives the classifier no signal, so it learns the logits too
         terms["kd"] = args.kd_weight * kd_loss(logits, t_logits, T=args.kd_T)
     return terms
 
 
+# ---- training and evaluation -------------------------------------------------------------------------------------
 
-# ================================================================================================================
-# Training and evaluation
-# ================================================================================================================
-
-def lr_at(step, total_steps, warmup_steps, peak, final):
-    """Linear warm-up to `peak` over `warmup_steps`, then cosine from `peak` to `final` at `total_steps`."""
-    if step < warmup_steps:
-        return peak * (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
+def lr_at(args, step, steps_per_epoch, global_batch):
+    """Linear warm-up, then cosine to --min-lr, per step; both ends scale linearly with the global batch (from 512)."""
+    peak, final = args.lr * global_batch / 512, args.min_lr * global_batch / 512
+    warmup, total = args.warmup_epochs * steps_per_epoch, args.epochs * steps_per_epoch
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(total - warmup, 1)
     return final + 0.5 * (peak - final) * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def build_training(args, classes, device, memory_format, world, load_teacher=True):
-    """(model, teacher, heads, net, optimizer): net is the DDP-wrapped Student when world > 1; the teacher is frozen."""
-    model, teacher = build_model(args.model, classes), None
-    if args.loss != "ce":
-        if not args.teacher or (load_teacher and not args.teacher_ckpt):
-            raise ValueError(f"--loss {args.loss} distils from a teacher: pass --teacher NAME and --teacher-ckpt PATH "
-                             "(train the teacher first with --loss ce)")
-        teacher = build_model(args.teacher, classes)
-        if load_teacher:   # before training starts: a wrong checkpoint fails now, naming the tensor
-            load_weights(teacher, load_state_dict(args.teacher_ckpt), f"teacher checkpoint {args.teacher_ckpt}")
-    heads = build_heads(args, model, teacher)
-    if teacher is not None:
-        teacher = teacher.to(device, memory_format=memory_format).eval().requires_grad_(False)
-    student = Student(model, heads).to(device, memory_format=memory_format)
-    net = DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None) \
-        if world > 1 else student
-    # weight decay on weights only, not on biases and BN parameters (timm's default, used by the official code)
-    params = [p for p in student.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.ndim > 1], "weight_decay": args.weight_decay},
-              {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
-    optimizer = torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, nesterov=True)
-    return model, teacher, heads, net, optimizer
-
-
-def train_step(net, teacher, optimizer, images, labels, epoch, lr, args, gen, prepare, autocast):
-    """One SGD step on uint8 images (B, 3, 32, 32); returns {term: detached scalar} on the device (no host sync)."""
-    x = prepare(augment(images, args.augment, gen))
-    with autocast():
-        teacher_out = None
-        if teacher is not None:
-            with torch.no_grad():
-                teacher_out = teacher(x, features=True)   # frozen, eval mode
-        terms = loss_terms(args, epoch, labels, net(x), teacher_out)
-        loss = sum(terms.values())
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    return {"loss": loss.detach().float(), **{k: v.detach().float() for k, v in terms.items()}}
-
-
-def train_one_epoch(net, teacher, optimizer, train_x, train_y, epoch, args, rank, world, prepare, autocast, schedule):
-    """One pass over this process's disjoint shard. Loss terms stay on the device: (per-step losses (steps,),
-    {term: epoch mean}); the caller reads them once per epoch instead of syncing every step."""
-    steps = (len(train_x) // world) // args.batch_size
-    order = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(args.seed * 100003 + epoch))
-    shard = order[:steps * args.batch_size * world][rank::world].to(train_x.device)   # same for every rank's seed
-    # augmentation: per seed and rank (seed s rank r+1 never equals seed s+1 rank r, nor the shuffling seed above),
-    # re-seeded each epoch, so a resumed run draws exactly what an uninterrupted one would
-    gen = torch.Generator(device=train_x.device).manual_seed((args.seed * 1009 + rank + 1) * 1000003 + epoch)
-    net.train()
-    losses, sums = torch.zeros(steps, device=train_x.device), {}
-    for step in range(steps):
+def train_one_epoch(args, epoch, model, teacher, optimizer, train_x, train_y, normalize, rank, world_size,
+                    max_steps=None):
+    """One pass over this process's disjoint shard; returns {"loss", "loss_<term>": epoch mean over all processes}.
+    Nothing is read back from the device inside the loop: the terms are summed there and read once at the end."""
+    steps = (len(train_x) // world_size) // args.batch_size
+    order = torch.randperm(len(train_x), generator=seeded("shuffle", args.seed, epoch))   # the same on every rank
+    shard = order[:steps * args.batch_size * world_size][rank::world_size].to(train_x.device)
+    gen = seeded("augment", args.seed, rank, epoch, device=train_x.device)   # re-seeded per epoch: exact --resume
+    use_amp = args.amp and train_x.device.type == "cuda"
+    model.train()
+    sums = {}
+    for step in range(min(steps, max_steps or steps)):
         idx = shard[step * args.batch_size:(step + 1) * args.batch_size]
-        terms = train_step(net, teacher, optimizer, train_x[idx], train_y[idx], epoch, schedule(epoch * steps + step),
-                           args, gen, prepare, autocast)
-        losses[step] = terms["loss"]
-        sums = {k: sums.get(k, 0.0) + v for k, v in terms.items()}
-    return losses, {k: v / steps for k, v in sums.items()}
+        x, labels = normalize(augment(train_x[idx], args.augment, gen)), train_y[idx]
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=use_amp):
+            teacher_out = None
+            if teacher is not None:
+                with torch.no_grad():
+                    teacher_out = teacher(x, features=True)   # frozen, eval mode
+            terms = loss_terms(args, epoch, model(x), teacher_out, labels)
+            loss = sum(terms.values())
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(args, epoch * steps + step, steps, args.batch_size * world_size)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        for name, value in {"loss": loss, **{f"loss_{k}": v for k, v in terms.items()}}.items():
+            sums[name] = sums.get(name, 0.0) + value.detach().float()
+    means = all_reduce_sum(torch.stack(list(sums.values()))) / (world_size * min(steps, max_steps or steps))
+    means = dict(zip(sums, means.tolist()))
+    check_finite(means, epoch)
+    return means
 
 
 @torch.no_grad()
-def evaluate(model, images, labels, rank, world, args, prepare, teacher=None):
-    """Top-1/top-5 on the whole test set: each process takes images rank::world (no padding, no duplicates) and the
-    correct counts and totals are summed over processes. With a teacher, also the Eq. 2 β statistics (Figure 3).
-    Runs in float32 without autocast: bf16 logits tie or swap the top class for ~1% of images, and β = 0.5 counts
-    exact agreement, so the figures would depend on the precision (10,000 images cost little either way)."""
-    was_training = model.training
-    model.eval()
-    counts = torch.zeros(3, device=images.device)        # top-1 correct, top-5 correct, images
-    beta_stats = torch.zeros(12, device=images.device)   # Σβ, #(β = 0.5), 10-bin histogram over [0, 0.5]
-    for idx in torch.arange(rank, len(images), world, device=images.device).split(args.eval_batch_size):
-        x = prepare(images[idx].float())
-        logits = model(x).float()
-        t_logits = teacher(x).float() if teacher is not None else None
-        counts[:2] += topk_correct(logits, labels[idx], (1, 5))
-        counts[2] += len(idx)
+def evaluate(args, raw_model, test_x, test_y, normalize, rank, world_size, teacher=None):
+    """Top-1/top-5 on the whole test set: each process takes images rank::world_size (no padding, no duplicates) and
+    the counts are summed over processes. With a teacher, also the β of Eq. 2 on the test set (Figure 3). Runs in
+    float32: bf16 logits tie or swap the top class for ~1% of images, and β = 0.5 counts exact agreement."""
+    was_training = raw_model.training
+    raw_model.eval()
+    counts = torch.zeros(3, device=test_x.device)   # top-1 correct, top-5 correct, images
+    betas = torch.zeros(13, device=test_x.device)    # common.beta_counts
+    for idx in torch.arange(rank, len(test_x), world_size, device=test_x.device).split(1000):
+        x = normalize(test_x[idx].float())
+        logits = raw_model(x).float()
+        counts += torch.cat([topk_correct(logits, test_y[idx], (1, 5)), counts.new_full((1,), float(len(idx)))])
         if teacher is not None:
-            beta = adaptconf_beta(logits, t_logits, tau=args.tau)
-            beta_stats[0] += beta.sum()
-            beta_stats[1] += (beta == 0.5).sum()
-            beta_stats[2:] += torch.histc(beta, bins=10, min=0.0, max=0.5)
-    model.train(was_training)
+            betas += beta_counts(adaptconf_beta(logits, teacher(x).float(), tau=args.tau))
+    raw_model.train(was_training)
     top1, top5, n = all_reduce_sum(counts).tolist()
-    result = {"top1": 100.0 * top1 / max(n, 1), "top5": 100.0 * top5 / max(n, 1), "evaluated": int(n)}
-    if teacher is not None:
-        stats = all_reduce_sum(beta_stats).tolist()
-        result.update(beta_mean=stats[0] / max(n, 1), beta_frac_half=stats[1] / max(n, 1),
-                      beta_hist=[c / max(n, 1) for c in stats[2:]])   # fractions, as in Figure 3
-    return result
-
-
-def benchmark(args, rank, world, device, prepare, autocast, memory_format):
-    """Times --benchmark STEPS training steps (after 5 warm-up steps) on random uint8 images: augmentation, student
-    and teacher forward, loss, backward and SGD step, exactly the training loop's train_step."""
-    classes = 100
-    _, teacher, _, net, optimizer = build_training(args, classes, device, memory_format, world,
-                                                   load_teacher=bool(args.teacher_ckpt))
-    gen = torch.Generator(device=device).manual_seed(args.seed + rank)
-    images = torch.randint(0, 256, (args.batch_size, 3, 32, 32), generator=gen, device=device, dtype=torch.uint8)
-    labels = torch.randint(0, classes, (args.batch_size,), generator=gen, device=device)
-    net.train()
-    for i in range(5 + args.benchmark):
-        if i == 5:
-            last["loss"].item()   # waits for the warm-up steps
-            start = time.time()
-        last = train_step(net, teacher, optimizer, images, labels, 0, 0.01, args, gen, prepare, autocast)
-    last["loss"].item()
-    seconds = time.time() - start
-    result = {"images_per_s": args.benchmark * args.batch_size * world / seconds,
-              "ms_per_step": 1000.0 * seconds / args.benchmark, "global_batch": args.batch_size * world,
-              "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-              "amp": device.type == "cuda" and args.amp is not False, "args": vars(args)}
-    if rank == 0:
-        print(f"benchmark: {args.model} + teacher {args.teacher} ({args.loss}), global batch {args.batch_size * world}"
-              f" on {world} x {result['device']}: {result['images_per_s']:.0f} images/s, "
-              f"{result['ms_per_step']:.1f} ms/step", flush=True)
-        if args.out:
-            save_atomic(result, os.path.join(args.out, "benchmark.json"))
-    return result
+    result = {"top1": 100.0 * top1 / max(n, 1), "top5": 100.0 * top5 / max(n, 1), "images": int(n)}
+    return {**result, **beta_summary(all_reduce_sum(betas), "beta")} if teacher is not None else result
 
 
 def main(args):
-    rank, world, device = setup_distributed()
-    seed_everything(args.seed)
-    if args.out and rank == 0:
-        os.makedirs(args.out, exist_ok=True)
-    use_amp = device.type == "cuda" and args.amp is not False   # bf16 autocast: default on CUDA, never on CPU
-    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp)
-    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-    torch.backends.cudnn.benchmark = device.type == "cuda"   # fixed 32x32 shapes: let cuDNN pick its fastest kernels
-    mean, std = (torch.tensor(v, device=device).view(1, 3, 1, 1) * 255
-                 for v in MEAN_STD.get(args.dataset, MEAN_STD["default"]))
-    prepare = lambda x: ((x - mean) / std).contiguous(memory_format=memory_format)   # pixels in [0, 255] -> input
-    if args.benchmark:
-        result = benchmark(args, rank, world, device, prepare, autocast, memory_format)
-        cleanup_distributed()
-        return result
+    rank, world_size, device = setup_distributed()
+    try:
+        torch.backends.cudnn.benchmark = True   # fixed 32x32 shapes: let cuDNN pick its fastest kernels
+        memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+        if args.out and rank == 0:
+            os.makedirs(args.out, exist_ok=True)
+        train_x, train_y, test_x, test_y, classes, normalize = load_data(args, rank, world_size, device)
+        if args.eval_only:
+            net = build_model(args.model, classes)
+            load_weights(net, load_state_dict(args.eval_only), f"--eval-only checkpoint {args.eval_only}")
+            result = evaluate(args, net.to(device, memory_format=memory_format), test_x, test_y, normalize, rank,
+                              world_size)
+            if rank == 0:
+                print(f"eval {args.model} from {args.eval_only}: top1 {result['top1']:.2f}  top5 {result['top5']:.2f}"
+                      f"  ({result['images']} images)", flush=True)
+                if args.out:
+                    write_text(json.dumps({**result, "checkpoint": args.eval_only, "args": vars(args)}, indent=2),
+                               os.path.join(args.out, "results.json"))
+            return result
 
-    train_x, train_y, test_x, test_y, classes = load_data(args, device, rank)
-    if args.eval_only:
-        model = build_model(args.model, classes)
-        load_weights(model, load_state_dict(args.eval_only), f"--eval-only checkpoint {args.eval_only}")
-        metrics = evaluate(model.to(device, memory_format=memory_format), test_x, test_y, rank, world, args, prepare)
-        result = {**metrics, "checkpoint": args.eval_only, "args": vars(args)}
+        teacher = None
+        if args.loss != "ce":   # frozen; loaded first, so that a wrong checkpoint fails before any training
+            teacher = build_model(args.teacher, classes).eval().requires_grad_(False)
+            if args.teacher_ckpt:   # only --benchmark runs without one (random weights)
+                load_weights(teacher, load_state_dict(args.teacher_ckpt), f"--teacher-ckpt {args.teacher_ckpt}")
+        torch.manual_seed(args.seed)   # the same student initialisation whatever the loss and teacher
+        net = build_model(args.model, classes)
+        heads = build_heads(args, net, teacher)
+        raw_model = Student(net, heads).to(device, memory_format=memory_format)
+        if teacher is not None:
+            teacher.to(device, memory_format=memory_format)
+        model = DistributedDataParallel(raw_model, device_ids=[device.index] if device.type == "cuda" else None) \
+            if world_size > 1 else raw_model
+        params = [p for p in raw_model.parameters() if p.requires_grad]   # no weight decay on biases and BN (timm)
+        optimizer = torch.optim.SGD([{"params": [p for p in params if p.ndim > 1], "weight_decay": args.weight_decay},
+                                     {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}],
+                                    lr=args.lr, momentum=0.9, nesterov=True)
+        global_batch = args.batch_size * world_size
+        steps = (len(train_x) // world_size) // args.batch_size
+        if steps == 0:
+            raise ValueError(f"{len(train_x)} training images cannot fill one batch of {args.batch_size} on each of "
+                             f"{world_size} processes; lower --batch-size")
+        epoch_train = lambda epoch, max_steps=None: train_one_epoch(args, epoch, model, teacher, optimizer, train_x,
+                                                                     train_y, normalize, rank, world_size, max_steps)
+
+        if args.benchmark:   # the training loop itself on random images: 5 warm-up steps, then STEPS timed
+            epoch_train(0, 5)
+            start = time.time()
+            epoch_train(0, args.benchmark)   # reading the returned means waits for the device
+            seconds = time.time() - start
+            result = {"images_per_s": args.benchmark * global_batch / seconds,
+                      "ms_per_step": 1000 * seconds / args.benchmark, "device": torch.cuda.get_device_name(device)
+                      if device.type == "cuda" else "cpu", "world_size": world_size, "args": vars(args)}
+            if rank == 0:
+                print(f"benchmark: {args.model} <- {args.teacher} ({args.loss}), global batch {global_batch} on "
+                      f"{world_size} x {result['device']}: {result['images_per_s']:.0f} images/s, "
+                      f"{result['ms_per_step']:.1f} ms/step", flush=True)
+                if args.out:
+                    write_text(json.dumps(result, indent=2), os.path.join(args.out, "benchmark.json"))
+            return result
+
+        start_epoch, best, seconds = 0, {"top1": -1.0, "top5": -1.0, "epoch": -1}, 0.0
+        if args.resume:   # parse_args checked that the checkpoint exists
+            ckpt = torch.load(os.path.join(args.out, "checkpoint.pt"), map_location="cpu", weights_only=False)
+            net.load_state_dict(ckpt["model"])
+            if heads is not None:
+                heads.load_state_dict(ckpt["heads"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            start_epoch, best, seconds = ckpt["epoch"], ckpt["best"], ckpt["seconds"]
+            if rank == 0:
+                trim_log(args.out, start_epoch)
+        teacher_top1 = evaluate(args, teacher, test_x, test_y, normalize, rank, world_size)["top1"] if teacher else None
         if rank == 0:
-            print(f"eval {args.model} from {args.eval_only}: top1 {metrics['top1']:.2f}  top5 {metrics['top5']:.2f}  "
-                  f"({metrics['evaluated']} images)", flush=True)
+            print(f"{args.model} <- {args.teacher or 'labels'} ({args.loss}) on {args.dataset}: {len(train_x)} train / "
+                  f"{len(test_x)} test images, {classes} classes; {world_size} process(es) on {device}, bf16 "
+                  f"{args.amp and device.type == 'cuda'}; global batch {global_batch} -> peak lr "
+                  f"{args.lr * global_batch / 512:.4g} (= {args.lr} x {global_batch}/512), {steps} steps/epoch"
+                  + (f"; teacher top1 {teacher_top1:.2f}" if teacher else ""), flush=True)
+
+        metrics, stop = None, min(args.epochs, args.stop_after or args.epochs)
+        for epoch in range(start_epoch, stop):
+            start = time.time()
+            means = epoch_train(epoch)
+            train_seconds = time.time() - start
+            broadcast_buffers(raw_model)   # every process scores the BN statistics rank 0 saves
+            metrics = evaluate(args, net, test_x, test_y, normalize, rank, world_size,
+                               teacher if args.loss == "adaptconf" else None)
+            seconds += time.time() - start
+            if metrics["top1"] > best["top1"]:
+                best = {"top1": metrics["top1"], "top5": metrics["top5"], "epoch": epoch}
+            if rank == 0:
+                log_record(args.out, {"epoch": epoch, "lr": lr_at(args, (epoch + 1) * steps - 1, steps, global_batch),
+                                      **means, **metrics, "images_per_s": steps * global_batch / train_seconds,
+                                      "seconds": time.time() - start})
+                if args.out:
+                    save_atomic({"model": net.state_dict(), "heads": heads.state_dict() if heads else None,
+                                 "optimizer": optimizer.state_dict(), "epoch": epoch + 1, "args": vars(args),
+                                 "best": best, "seconds": seconds}, os.path.join(args.out, "checkpoint.pt"))
+
+        metrics = metrics or evaluate(args, net, test_x, test_y, normalize, rank, world_size)   # resumed a finished run
+        results = {"top1": metrics["top1"], "top5": metrics["top5"], "best_top1": best["top1"],
+                   "best_top5": best["top5"], "best_epoch": best["epoch"], "teacher_top1": teacher_top1,
+                   "images": metrics["images"], "epochs_done": max(stop, start_epoch), "seconds": seconds,
+                   "world_size": world_size, "args": vars(args)}
+        if rank == 0:
+            print(f"done: top1 {results['top1']:.2f} (best {results['best_top1']:.2f} at epoch {best['epoch']}), "
+                  f"{seconds:.0f} s", flush=True)
             if args.out:
-                save_atomic(result, os.path.join(args.out, "results.json"))
+                write_text(json.dumps(results, indent=2), os.path.join(args.out, "results.json"))
+        return results
+    finally:
         cleanup_distributed()
-        return result
-
-    if args.loss == "ce" and args.gt_weight <= 0:
-        raise ValueError("--loss ce with --gt-weight 0 has nothing to learn from; use --gt-weight 1 or a teacher loss")
-    if args.loss == "dkd" and args.gt_weight <= 0:
-        raise ValueError("DKD splits the teacher's distribution at the label's class, so it needs labels; "
-                         "use --gt-weight > 0 or another loss for teacher-only training")
-    model, teacher, heads, net, optimizer = build_training(args, classes, device, memory_format, world)
-    global_batch = args.batch_size * world
-    steps = (len(train_x) // world) // args.batch_size
-    if steps == 0:
-        raise ValueError(f"{len(train_x)} training images cannot fill one batch of {args.batch_size} on each of "
-                         f"{world} processes; lower --batch-size")
-    peak, final = args.lr * global_batch / 512, args.min_lr * global_batch / 512   # linear scaling from batch 512
-    schedule = lambda step: lr_at(step, args.epochs * steps, args.warmup_epochs * steps, peak, final)
-
-    start_epoch, best, seconds = 0, {"top1": -1.0, "top5": -1.0, "epoch": -1}, 0.0
-    if args.resume:
-        path = os.path.join(args.out or "", "checkpoint.pt")
-        if not args.out or not os.path.isfile(path):
-            raise FileNotFoundError(f"--resume needs {path} from an earlier run with the same --out")
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        model.load_state_dict(ckpt["model"])
-        if heads is not None:
-            heads.load_state_dict(ckpt["heads"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        start_epoch, best, seconds = ckpt["epoch"], ckpt["best"], ckpt["seconds"]
-        if rank == 0:
-            trim_log(args.out, start_epoch)
-    teacher_metrics = evaluate(teacher, test_x, test_y, rank, world, args, prepare) if teacher else None
-    if rank == 0:
-        print(f"{args.model} <- {args.teacher or 'labels'} ({args.loss}) on {args.dataset}: {len(train_x)} train / "
-              f"{len(test_x)} test images, {classes} classes; {world} process(es) on {device}, bf16 {use_amp}; "
-              f"global batch {global_batch} -> lr {peak:.4g} (= {args.lr} x {global_batch}/512), cosine to "
-              f"{final:.3g}, {steps} steps/epoch" + (f"; teacher top1 {teacher_metrics['top1']:.2f}"
-                                                     if teacher_metrics else ""), flush=True)
-
-    stop = min(args.epochs, args.stop_after or args.epochs)
-    for epoch in range(start_epoch, stop):
-        start = time.time()
-        losses, means = train_one_epoch(net, teacher, optimizer, train_x, train_y, epoch, args, rank, world, prepare,
-                                        autocast, schedule)
-        names = list(means)
-        mean_values = (all_reduce_sum(torch.stack([means[k] for k in names])) / world).tolist()
-        # NaN check without a host sync per step (which stalls the GPU queue): the per-step losses are read once here,
-        # and a diverged epoch stops the run before its checkpoint is written, naming the first non-finite step
-        step_losses = losses.tolist()
-        bad = next((i for i, v in enumerate(step_losses) if not math.isfinite(v)), None)
-        if bad is not None:
-            check_finite(torch.tensor(step_losses[bad]), epoch, bad)
-        if not all(map(math.isfinite, mean_values)):   # another process diverged: stop every process together
-            raise FloatingPointError(f"the loss became non-finite on another process in epoch {epoch}; lower --lr, "
-                                     "or check the data and the teacher checkpoint")
-        train_seconds = time.time() - start
-        broadcast_buffers(model)   # every process scores the BN statistics rank 0 saves
-        metrics = evaluate(model, test_x, test_y, rank, world, args, prepare,
-                           teacher if args.loss == "adaptconf" else None)
-        seconds += time.time() - start
-        if metrics["top1"] > best["top1"]:
-            best = {"top1": metrics["top1"], "top5": metrics["top5"], "epoch": epoch}
-        record = {"epoch": epoch, "lr": schedule((epoch + 1) * steps - 1),
-                  **{("loss" if k == "loss" else f"loss_{k}"): v for k, v in zip(names, mean_values)},
-                  **metrics, "images_per_s": steps * global_batch / train_seconds, "seconds": time.time() - start}
-        if rank == 0:
-            log_record(args.out, record)
-            if args.out:
-                save_atomic({"model": model.state_dict(), "heads": heads.state_dict() if heads is not None else None,
-                             "optimizer": optimizer.state_dict(), "epoch": epoch + 1, "args": vars(args),
-                             "best": best, "seconds": seconds}, os.path.join(args.out, "checkpoint.pt"))
-
-    final_metrics = metrics if start_epoch < stop else evaluate(model, test_x, test_y, rank, world, args, prepare)
-    results = {"top1": final_metrics["top1"], "top5": final_metrics["top5"], "evaluated": final_metrics["evaluated"],
-               "best_top1": best["top1"], "best_top5": best["top5"], "best_epoch": best["epoch"],
-               "teacher_top1": teacher_metrics["top1"] if teacher_metrics else None, "epochs_done": stop,
-               "seconds": seconds, "args": vars(args)}
-    if rank == 0:
-        print(f"done: top1 {results['top1']:.2f} (best {results['best_top1']:.2f} at epoch {best['epoch']}), "
-              f"{seconds:.0f} s", flush=True)
-        if args.out:
-            save_atomic(results, os.path.join(args.out, "results.json"))
-    cleanup_distributed()
-    return results
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", default="cifar100", choices=["cifar100", "cifar10", "folder", "synthetic"],
-                   help="python-pickle CIFAR, a train/ test/ image tree, or a small in-memory learnable set")
+    g.add_argument("--dataset", default="cifar100", choices=["cifar100", "cifar10", "synthetic"],
+                   help="python-pickle CIFAR, or a small learnable set generated in memory (no files)")
     g.add_argument("--data-dir", default="./data", help="folder holding cifar-100-python/ or cifar-10-batches-py/")
     g.add_argument("--download", action="store_true", help="fetch CIFAR into --data-dir with torchvision first")
     g.add_argument("--augment", default="paper", choices=["paper", "classic"],
-                   help="paper: random-resized-crop + flip, eval resize 36/crop 32; classic: pad-4 crop + flip")
+                   help="paper: random-resized-crop + flip, eval resize 36/crop 32; classic (mdistiller): pad-4 "
+                        "crop + flip, raw eval")
     g.add_argument("--train-subset", type=int, default=0, help="use only the first N training images (0 = all)")
     g.add_argument("--test-subset", type=int, default=0, help="use only the first N test images (0 = all)")
     g = p.add_argument_group("models")
     g.add_argument("--model", default="resnet32x4", choices=list(MODELS), help="the model trained (the student)")
     g.add_argument("--teacher", default=None, choices=list(MODELS), help="the frozen (weak) teacher's architecture")
-    g.add_argument("--teacher-ckpt", default=None, help="teacher weights: ours, RepDistiller, mdistiller or official")
+    g.add_argument("--teacher-ckpt", default=None,
+                   help="teacher weights: ours, RepDistiller, mdistiller or official (random with --benchmark)")
     g = p.add_argument_group("loss")
     g.add_argument("--loss", default="ce",
                    choices=["ce", "kd", "fitnet", "rkd", "reviewkd", "dkd", "augconf", "adaptconf"],
@@ -1000,15 +876,11 @@ def parse_args(argv=None):
     g.add_argument("--kd-weight", type=float, default=1.0, help="weight of the kd / augconf / adaptconf term")
     g.add_argument("--kd-T", type=float, default=1.0, help="KD temperature (official 1; mdistiller's KD uses 4)")
     g.add_argument("--alpha-max", type=float, default=0.5, help="augconf: final α of Eq. 1 (Figure 2: 0.1-0.9)")
-    g.add_argument("--alpha-ramp", type=float, default=0.3, help="augconf: α ramps up over this epoch fraction")
     g.add_argument("--tau", type=float, default=0.5, help="adaptconf: β temperature of Eq. 2 (Figure 2's T: 0.1-8)")
     g.add_argument("--dkd-alpha", type=float, default=1.0, help="DKD weight of TCKD (official 1; mdistiller 1)")
     g.add_argument("--dkd-beta", type=float, default=2.0, help="DKD weight of NCKD (official 2; mdistiller 8)")
     g.add_argument("--dkd-T", type=float, default=1.0, help="DKD temperature (official 1; mdistiller 4)")
-    g.add_argument("--dkd-warmup", type=int, default=0, help="DKD weight ramps over this many epochs "
-                                                                 "(official 0 = none; mdistiller 20)")
-    g.add_argument("--rkd-distance", type=float, default=25.0, help="RKD distance-loss weight")
-    g.add_argument("--rkd-angle", type=float, default=50.0, help="RKD angle-loss weight")
+    g.add_argument("--dkd-warmup", type=int, default=0, help="DKD weight ramps over this many epochs (mdistiller 20)")
     g.add_argument("--fitnet-weight", type=float, default=1.0, help="FitNet hint weight (official 1; mdistiller 100)")
     g.add_argument("--fitnet-stages", default="all", choices=["all", "middle"],
                    help="hint every stage (official code) or the 2nd stage only (mdistiller)")
@@ -1020,9 +892,7 @@ def parse_args(argv=None):
     g.add_argument("--lr", type=float, default=0.2, help="peak lr for a global batch of 512; scaled linearly")
     g.add_argument("--min-lr", type=float, default=2e-3, help="final cosine lr for a global batch of 512; scaled too")
     g.add_argument("--warmup-epochs", type=int, default=10, help="linear lr warm-up epochs")
-    g.add_argument("--momentum", type=float, default=0.9, help="SGD (Nesterov) momentum")
     g.add_argument("--weight-decay", type=float, default=5e-4, help="weight decay (not on biases and BN)")
-    g.add_argument("--eval-batch-size", type=int, default=1000, help="images per evaluation batch per process")
     g = p.add_argument_group("run")
     g.add_argument("--seed", type=int, default=0, help="seed of initialisation, shuffling and augmentation")
     g.add_argument("--out", default=None, help="output folder (log.jsonl, results.json, checkpoint.pt); None = stdout")
@@ -1031,13 +901,24 @@ def parse_args(argv=None):
                    help="end after this many epochs of the --epochs schedule (0 = all); continue with --resume")
     g.add_argument("--eval-only", default=None, metavar="CKPT", help="evaluate --model with these weights and exit")
     g.add_argument("--benchmark", type=int, default=0, metavar="STEPS",
-                   help="time STEPS training steps on random tensors and print images/s and ms/step")
-    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
-                   help="bf16 autocast (default: on with CUDA; always off on CPU)")
+                   help="time STEPS training steps on random images (the training loop itself); print images/s")
+    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
+                   help="bf16 autocast on CUDA (CPU runs float32)")
     args = p.parse_args(argv)
     for name in ("kd_T", "tau", "dkd_T"):
-        if getattr(args, name) <= 0:
+        if not getattr(args, name) > 0:
             p.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.loss == "ce" and args.gt_weight <= 0 and not args.eval_only:
+        p.error("--loss ce with --gt-weight 0 has nothing to learn from; use --gt-weight 1 or a teacher loss")
+    if args.loss == "dkd" and args.gt_weight <= 0:
+        p.error("DKD splits the teacher's distribution at the label's class, so it needs labels; use --gt-weight > 0 "
+                "or another loss for teacher-only training")
+    if args.loss != "ce" and not args.eval_only and not (args.teacher and (args.teacher_ckpt or args.benchmark)):
+        p.error(f"--loss {args.loss} distils from a teacher: pass --teacher NAME and --teacher-ckpt PATH (train the "
+                "teacher first with --loss ce)")
+    if args.resume and not (args.out and os.path.isfile(os.path.join(args.out, "checkpoint.pt"))):
+        p.error(f"--resume needs {os.path.join(args.out or '<--out>', 'checkpoint.pt')} from an earlier run with the "
+                "same --out")
     return args
 
 

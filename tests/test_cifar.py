@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import cifar
-from conftest import make_image_tree, run_torchrun
+from conftest import run_torchrun
 
-# REFERENCE.md §3, 100 classes
+# RepDistiller's models with 100 classes (counted from its model files)
 PARAMS = {"resnet8": 83892, "resnet14": 181108, "resnet20": 278324, "resnet32": 472756, "resnet44": 667188,
           "resnet56": 861620, "resnet110": 1736564, "resnet8x4": 1233540, "resnet32x4": 7433860,
           "wrn_16_1": 180916, "wrn_16_2": 703284, "wrn_40_1": 569780, "wrn_40_2": 2255156, "vgg8": 3965028,
@@ -135,7 +135,7 @@ def test_published_checkpoint_loads_strictly(tmp_path, wrap):
                      "--out", tmp_path / "kd")
         assert math.isfinite(result["top1"])
         result = run(*TINY, "--model", "resnet8", "--eval-only", path, "--out", tmp_path / "eval")
-        assert result["evaluated"] == 33
+        assert result["images"] == 33
         with open(tmp_path / "eval" / "results.json") as f:
             assert json.load(f)["top1"] == result["top1"]
 
@@ -148,7 +148,7 @@ def test_each_loss_trains(tmp_path, teacher_ckpt, loss):
     record = read_log(out)[-1]
     term = "loss_gt" if loss == "ce" else f"loss_{loss}"
     assert math.isfinite(record[term]) and record[term] > 0, record
-    assert record["evaluated"] == 33
+    assert record["images"] == 33
     torch.manual_seed(0)   # the script seeds with --seed 0 right before building the student
     init = cifar.build_model("wrn_16_1", 10).state_dict()
     ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
@@ -161,13 +161,14 @@ def test_each_loss_trains(tmp_path, teacher_ckpt, loss):
         assert record["beta_hist"][-1] >= record["beta_frac_half"]   # β = 0.5 falls in the last bin
 
 
-def test_teacher_only_training_ignores_labels(tmp_path, teacher_ckpt):
+def test_teacher_only_training_ignores_labels(tmp_path, teacher_ckpt, capsys):
     run(*TINY, "--model", "resnet8", "--loss", "adaptconf", "--teacher", "resnet8", "--teacher-ckpt", teacher_ckpt,
         "--gt-weight", "0", "--out", tmp_path)
     assert "loss_gt" not in read_log(tmp_path)[-1]
-    with pytest.raises(ValueError, match="needs labels"):
+    with pytest.raises(SystemExit):
         run(*TINY, "--model", "resnet8", "--loss", "dkd", "--teacher", "resnet8", "--teacher-ckpt", teacher_ckpt,
             "--gt-weight", "0")
+    assert "needs labels" in capsys.readouterr().err
     # a feature loss alone would leave the classifier untrained: without labels it also learns the teacher's logits
     torch.manual_seed(0)   # the script seeds with --seed 0 right before building the student
     init = cifar.build_model("resnet8", 10).state_dict()
@@ -211,7 +212,7 @@ def test_torchrun_two_processes_count_every_test_image_once(tmp_path, teacher_ck
     assert "global batch 32" in proc.stdout
     with open(out / "results.json") as f:
         results = json.load(f)
-    assert results["evaluated"] == 101 and read_log(out)[-1]["evaluated"] == 101   # odd: padding would show
+    assert results["images"] == 101 and read_log(out)[-1]["images"] == 101   # odd: padding would show
     # the summed counts equal a single-process evaluation of the same weights
     single = run("--dataset", "synthetic", "--test-subset", "101", "--model", "wrn_16_1",
                  "--eval-only", out / "checkpoint.pt")
@@ -243,8 +244,6 @@ def test_missing_or_malformed_data_dir(tmp_path):
         (broken / name).write_bytes(b"not a pickle")
     with pytest.raises(ValueError, match="not a CIFAR python-pickle file"):
         run("--data-dir", tmp_path, "--model", "resnet8", "--epochs", "1")
-    with pytest.raises(FileNotFoundError, match="train/<class>"):
-        run("--dataset", "folder", "--data-dir", tmp_path / "nowhere", "--model", "resnet8")
 
 
 def test_unknown_model():
@@ -254,25 +253,26 @@ def test_unknown_model():
         cifar.build_model("resnet9", 100)
 
 
-def test_bad_teacher_checkpoint_names_the_tensor(tmp_path, teacher_ckpt):
+def test_bad_teacher_checkpoint_names_the_tensor(tmp_path, teacher_ckpt, capsys):
     wrong_classes = str(tmp_path / "t100.pt")
     torch.save({"model": cifar.build_model("resnet8", 100).state_dict()}, wrong_classes)
     with pytest.raises(ValueError, match=r"tensor 'fc.weight' has shape \(100, 64\)"):
         run(*TINY, "--model", "resnet8", "--loss", "kd", "--teacher", "resnet8", "--teacher-ckpt", wrong_classes)
     with pytest.raises(ValueError, match="tensor 'conv1.weight' has shape"):   # a resnet8 checkpoint for a resnet8x4
         run(*TINY, "--model", "resnet8", "--loss", "kd", "--teacher", "resnet8x4", "--teacher-ckpt", teacher_ckpt)
-    with pytest.raises(ValueError, match="--teacher-ckpt"):
+    with pytest.raises(SystemExit):   # parse_args stops before any data is read
         run(*TINY, "--model", "resnet8", "--loss", "kd", "--teacher", "resnet8")
+    assert "--teacher-ckpt" in capsys.readouterr().err
 
 
-def test_nan_loss_names_epoch_and_step(tmp_path):
-    with pytest.raises(FloatingPointError, match=r"at epoch 0, step \d+"):
+def test_nan_loss_stops_the_run_before_its_checkpoint(tmp_path):
+    with pytest.raises(FloatingPointError, match=r"non-finite in epoch 0"):
         run(*TINY, "--train-subset", "64", "--model", "resnet8", "--lr", "1e38", "--warmup-epochs", "0",
             "--out", tmp_path)
     assert not os.path.exists(tmp_path / "checkpoint.pt")   # the diverged epoch is never saved
 
 
-def test_cifar10_and_folder_datasets(tmp_path):
+def test_cifar10_dataset(tmp_path):
     root = tmp_path / "cifar-10-batches-py"
     root.mkdir()
     rng = np.random.default_rng(0)
@@ -282,11 +282,7 @@ def test_cifar10_and_folder_datasets(tmp_path):
                          "labels": list(rng.integers(0, 10, 20))}, f)
     result = run("--dataset", "cifar10", "--data-dir", tmp_path, "--model", "resnet8", "--epochs", "1",
                  "--batch-size", "50")
-    assert result["evaluated"] == 20
-    make_image_tree(str(tmp_path / "tree"), splits=("train", "test"), num_classes=3, per_class=6)
-    result = run("--dataset", "folder", "--data-dir", tmp_path / "tree", "--model", "resnet8", "--epochs", "1",
-                 "--batch-size", "6")
-    assert result["evaluated"] == 18
+    assert result["images"] == 20
 
 
 def test_benchmark_runs(tmp_path, capsys):
@@ -304,6 +300,6 @@ def test_real_cifar100_weak_teacher_then_stronger_student(tmp_path, cifar100_dir
     teacher = run(*common, "--lr", "3.2", "--model", "resnet8", "--loss", "ce", "--out", tmp_path / "teacher")
     student = run(*common, "--lr", "1.6", "--model", "resnet14", "--loss", "adaptconf", "--teacher", "resnet8",
                   "--teacher-ckpt", tmp_path / "teacher" / "checkpoint.pt", "--out", tmp_path / "student")
-    assert teacher["evaluated"] == student["evaluated"] == 1001
+    assert teacher["images"] == student["images"] == 1001
     assert teacher["top1"] > 4.0 and student["top1"] > 4.0, (teacher["top1"], student["top1"])
     assert student["teacher_top1"] == pytest.approx(teacher["top1"])
