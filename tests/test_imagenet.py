@@ -1,5 +1,5 @@
 """imagenet.py on CPU with tiny generated ImageFolder trees: models, feature shapes, train → distil → evaluate,
-a real two-process torchrun, exact resume, the benchmark, and the errors people hit first."""
+a real two-process torchrun, exact resume, the benchmark on synthetic images, and the errors people hit first."""
 import json
 import os
 
@@ -29,7 +29,7 @@ def teacher_ckpt(data_dir, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("teacher"))
     result = imagenet.main(imagenet.parse_args(["--data-dir", data_dir, "--model", "resnet18", "--loss", "ce",
                                                 "--epochs", "1", "--out", out, *TINY]))
-    assert result["val_images"] == NUM_CLASSES * VAL_PER_CLASS
+    assert result["images"] == NUM_CLASSES * VAL_PER_CLASS
     return os.path.join(out, "checkpoint.pt"), result
 
 
@@ -41,6 +41,19 @@ def read_log(out):
 def read_results(out):
     with open(os.path.join(out, "results.json")) as f:
         return json.load(f)
+
+
+def loss_args(loss, *extra):
+    """Arguments of a distillation run (parse_args requires a teacher; these tests never read its checkpoint)."""
+    return imagenet.parse_args(["--image-size", "32", "--loss", loss, "--teacher", "mobilenetv1", "--teacher-ckpt",
+                                "unread.pt", *extra])
+
+
+def refused(argv, capsys):
+    """parse_args refuses `argv`: returns argparse's message."""
+    with pytest.raises(SystemExit):
+        imagenet.parse_args(argv)
+    return capsys.readouterr().err
 
 
 def test_mobilenetv1_matches_the_published_size_and_names():
@@ -58,7 +71,7 @@ def test_mobilenetv1_matches_the_published_size_and_names():
                                                   ("resnet50", [256, 512, 1024, 2048], 2048),
                                                   ("mobilenetv1", [128, 256, 512, 1024], 1024)])
 def test_forward_features_shapes(name, channels, embed):
-    net = imagenet.MODELS[name](7).eval()
+    net = imagenet.MODELS[name](num_classes=7).eval()
     x = torch.randn(2, 3, 64, 32)
     with torch.no_grad():
         logits, feats, pooled = imagenet.forward_features(net, x)
@@ -69,51 +82,59 @@ def test_forward_features_shapes(name, channels, embed):
 
 
 def test_feature_heads_map_student_onto_teacher_shapes():
-    args = imagenet.parse_args(["--image-size", "32", "--loss", "reviewkd"])
-    student, teacher = imagenet.MODELS["resnet50"](5), imagenet.MODELS["mobilenetv1"](5).eval()
+    args = loss_args("reviewkd")
+    student = imagenet.MODELS["resnet50"](num_classes=5)
+    teacher = imagenet.MODELS["mobilenetv1"](num_classes=5).eval()
     model = imagenet.StudentWithHead(student, imagenet.build_head(args, student, teacher), args.fitnet_stage)
     x = torch.randn(2, 3, 32, 32)
     _, t_feats, t_pooled = imagenet.forward_features(teacher, x)
     fused = model(x)[3]
     assert [f.shape for f in fused] == [f.shape for f in t_feats] + [(2, 1024, 1, 1)]
-    args = imagenet.parse_args(["--image-size", "32", "--loss", "fitnet"])
+    args = loss_args("fitnet")
     model = imagenet.StudentWithHead(student, imagenet.build_head(args, student, teacher), args.fitnet_stage)
     assert model(x)[3].shape == t_feats[1].shape == (2, 256, 4, 4)
 
 
 def test_every_table4_loss_gives_a_finite_loss_and_student_gradients():
     """One forward/backward per loss of Table 4 (resnet18 student, mobilenetv1 teacher, 32 px, batch 4)."""
-    teacher = imagenet.MODELS["mobilenetv1"](5).eval().requires_grad_(False)
+    teacher = imagenet.MODELS["mobilenetv1"](num_classes=5).eval().requires_grad_(False)
     images, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
     with torch.no_grad():
         teacher_out = imagenet.forward_features(teacher, images)
     for loss in imagenet.LOSSES:
-        args = imagenet.parse_args(["--image-size", "32", "--loss", loss, "--epochs", "10"])
-        student = imagenet.MODELS["resnet18"](5)
+        args = loss_args(loss, "--epochs", "10")
+        student = imagenet.MODELS["resnet18"](num_classes=5)
         model = imagenet.StudentWithHead(student, imagenet.build_head(args, student, teacher), args.fitnet_stage)
-        total, terms, beta = imagenet.compute_loss(args, model(images), None if loss == "ce" else teacher_out,
-                                                   labels, epoch=1)
+        terms = imagenet.loss_terms(args, 1, model(images), None if loss == "ce" else teacher_out, labels)
+        total = sum(terms.values())
         total.backward()
-        assert torch.isfinite(total) and terms["ce"] > 0, loss
+        assert torch.isfinite(total) and terms["gt"] > 0, loss
         assert student.conv1.weight.grad.abs().sum() > 0, loss
-        assert (beta is not None) == (loss == "adaptconf")
-        if loss != "ce":
-            assert terms["distill"] > 0 and total.item() == pytest.approx((terms["ce"] + terms["distill"]).item())
+        assert sorted(terms) == sorted({"gt", loss} - {"ce"}), loss     # gt, and the loss's own term
 
 
 def test_teacher_only_feature_losses_also_learn_the_teacher_logits():
     """With --gt-weight 0 a feature loss alone would leave the classifier untrained; the KD term gives it a signal."""
-    teacher = imagenet.MODELS["mobilenetv1"](5).eval().requires_grad_(False)
+    teacher = imagenet.MODELS["mobilenetv1"](num_classes=5).eval().requires_grad_(False)
     images, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
     with torch.no_grad():
         teacher_out = imagenet.forward_features(teacher, images)
-    for loss in imagenet.FEATURE_LOSSES:
-        args = imagenet.parse_args(["--image-size", "32", "--loss", loss, "--gt-weight", "0"])
-        student = imagenet.MODELS["resnet18"](5)
+    for loss in ("fitnet", "rkd", "reviewkd"):
+        args = loss_args(loss, "--gt-weight", "0")
+        student = imagenet.MODELS["resnet18"](num_classes=5)
         model = imagenet.StudentWithHead(student, imagenet.build_head(args, student, teacher), args.fitnet_stage)
-        total, _, _ = imagenet.compute_loss(args, model(images), teacher_out, labels, epoch=0)
-        total.backward()
+        terms = imagenet.loss_terms(args, 0, model(images), teacher_out, labels)
+        assert sorted(terms) == sorted({"kd", loss}), loss     # no gt term without labels
+        sum(terms.values()).backward()
         assert student.fc.weight.grad is not None and student.fc.weight.grad.abs().sum() > 0, loss
+
+
+def test_dkd_has_its_own_temperature():
+    """--dkd-T (default 1, the temperature DKD shared with --kd-T before) sets DKD's temperature; --kd-T does not."""
+    logits, t_logits, labels = torch.randn(4, 5), torch.randn(4, 5), torch.tensor([0, 1, 2, 3])
+    dkd = lambda *extra: imagenet.loss_terms(loss_args("dkd", *extra), 0, (logits, None, None, None),
+                                             (t_logits, None, None), labels)["dkd"]
+    assert dkd("--kd-T", "4") == dkd() != dkd("--dkd-T", "4")
 
 
 def test_teacher_then_distil_then_evaluate(data_dir, teacher_ckpt, tmp_path):
@@ -127,18 +148,18 @@ def test_teacher_then_distil_then_evaluate(data_dir, teacher_ckpt, tmp_path):
              "--loss", loss, "--gt-weight", gt_weight, "--epochs", "1", "--out", out, *TINY]))
         # the loaded teacher scores exactly what it scored at the end of its own run: same weights, same crop
         assert result["teacher_top1"] == teacher_result["top1"]
-        assert result["val_images"] == NUM_CLASSES * VAL_PER_CLASS
+        assert result["images"] == NUM_CLASSES * VAL_PER_CLASS
         (record,) = read_log(out)
-        assert record["train_images"] == 12 and record["distill"] > 0 and record["ce"] > 0
+        assert record["train_images"] == 12 and record[f"loss_{loss}"] > 0 and record["images"] == 15
         assert 0 <= record["top1"] <= 100 and record["top1"] <= record["top5"]
         if gt_weight == "0":      # teacher-only: the loss is the distillation term alone
-            assert record["loss"] == pytest.approx(record["distill"], rel=1e-5)
+            assert "loss_gt" not in record and record["loss"] == pytest.approx(record[f"loss_{loss}"], rel=1e-5)
         else:
-            assert record["loss"] == pytest.approx(record["distill"] + record["ce"], rel=1e-5)
-        if loss == "adaptconf":
-            assert 0 < record["beta_mean"] <= 0.5 and 0 <= record["beta_frac_half"] <= 1
-            assert len(record["beta_hist"]) == 10 and sum(record["beta_hist"]) == pytest.approx(1.0)
-            assert record["beta_hist"][-1] >= record["beta_frac_half"]   # β = 0.5 falls in the last bin
+            assert record["loss"] == pytest.approx(record[f"loss_{loss}"] + record["loss_gt"], rel=1e-5)
+        if loss == "adaptconf":   # Figure 3: β of the training batches
+            assert 0 < record["train_beta_mean"] <= 0.5 and 0 <= record["train_beta_frac_half"] <= 1
+            assert len(record["train_beta_hist"]) == 10 and sum(record["train_beta_hist"]) == pytest.approx(1.0)
+            assert record["train_beta_hist"][-1] >= record["train_beta_frac_half"]   # β = 0.5 falls in the last bin
         saved = read_results(out)
         assert saved["top1"] == result["top1"] and saved["args"]["loss"] == loss
     # --eval-only on the last student's checkpoint reproduces its final accuracy
@@ -146,7 +167,7 @@ def test_teacher_then_distil_then_evaluate(data_dir, teacher_ckpt, tmp_path):
                                                    os.path.join(out, "checkpoint.pt"), "--out", str(tmp_path / "ev"),
                                                    *TINY]))
     assert (evaluated["top1"], evaluated["top5"]) == (result["top1"], result["top5"])
-    assert read_results(str(tmp_path / "ev"))["val_images"] == 15
+    assert read_results(str(tmp_path / "ev"))["images"] == 15
 
 
 def test_two_process_torchrun_counts_every_val_image_once(data_dir, teacher_ckpt, tmp_path):
@@ -156,13 +177,13 @@ def test_two_process_torchrun_counts_every_val_image_once(data_dir, teacher_ckpt
                                  "--teacher-ckpt", ckpt, "--loss", "kd", "--epochs", "1", "--out", out,
                                  "--image-size", "32", "--batch-size", "4", "--workers", "1"], nproc=2)
     result = read_results(out)
-    assert result["world_size"] == 2 and result["val_images"] == 15
+    assert result["world_size"] == 2 and result["images"] == 15
     (record,) = read_log(out)
     assert record["train_images"] == 8           # 6 images per process → one full batch of 4 each
     # exact distributed evaluation: the same weights evaluated by one process give the same counts
     single = imagenet.main(imagenet.parse_args(["--data-dir", data_dir, "--model", "resnet18", "--eval-only",
                                                 os.path.join(out, "checkpoint.pt"), *TINY]))
-    assert (single["top1"], single["top5"], single["val_images"]) == (result["top1"], result["top5"], 15)
+    assert (single["top1"], single["top5"], single["images"]) == (result["top1"], result["top5"], 15)
     # the mean validation loss is continuous: it also catches shards evaluated with different BatchNorm statistics
     assert single["val_loss"] == pytest.approx(result["val_loss"], rel=1e-6)
 
@@ -186,20 +207,37 @@ def test_resume_reproduces_an_uninterrupted_run(data_dir, teacher_ckpt, tmp_path
     assert read_results(split)["teacher_top1"] == read_results(full)["teacher_top1"]
 
 
-def test_benchmark_reports_model_and_loader_rates(data_dir, tmp_path):
+def test_benchmark_runs_the_training_step_on_synthetic_images(tmp_path, capsys):
+    """No data tree is read; a teacher without weights has random ones; nothing is logged or checkpointed."""
     out = str(tmp_path / "bench")
-    result = imagenet.main(imagenet.parse_args(["--data-dir", data_dir, "--model", "resnet18", "--loss", "kd",
-                                                "--benchmark", "2", "--out", out, *TINY]))
+    result = imagenet.main(imagenet.parse_args(["--data-dir", str(tmp_path / "none"), "--model", "resnet18",
+                                                "--teacher", "resnet18", "--loss", "adaptconf", "--benchmark", "2",
+                                                "--out", out, *TINY]))
     with open(os.path.join(out, "benchmark.json")) as f:
         saved = json.load(f)
-    assert saved["model_images_per_s"] > 0 and saved["loader_images_per_s"] > 0 and saved["loader_steps"] == 2
-    assert saved["loader_keeps_up"] == (saved["loader_images_per_s"] >= saved["model_images_per_s"])
-    assert result["model_images_per_s"] == saved["model_images_per_s"]
-    assert not os.path.exists(os.path.join(out, "log.jsonl"))   # a benchmark trains nothing
-    # without a data tree only the model-bound rate is measured
-    synthetic = imagenet.main(imagenet.parse_args(["--data-dir", str(tmp_path / "none"), "--model", "resnet18",
-                                                   "--benchmark", "1", *TINY]))
-    assert synthetic["model_images_per_s"] > 0 and "loader_images_per_s" not in synthetic
+    assert saved["images_per_s"] > 0 and saved["ms_per_step"] > 0 and saved["args"]["benchmark"] == 2
+    assert result["images_per_s"] == saved["images_per_s"]
+    assert "images/s" in capsys.readouterr().out
+    assert sorted(os.listdir(out)) == ["benchmark.json"]      # a benchmark trains, but keeps nothing
+    assert imagenet.main(imagenet.parse_args(["--model", "resnet18", "--benchmark", "1", *TINY]))["ms_per_step"] > 0
+    assert "distils from a teacher" in refused(["--loss", "kd", "--benchmark", "1"], capsys)
+
+
+def test_arguments_are_checked_before_any_data_is_read(tmp_path, capsys):
+    assert "needs labels" in refused(["--loss", "ce", "--gt-weight", "0"], capsys)
+    assert "needs labels" in refused(["--loss", "dkd", "--teacher", "resnet18", "--teacher-ckpt", "t.pt",
+                                      "--gt-weight", "0"], capsys)
+    assert "pass --teacher and exactly one" in refused(["--loss", "adaptconf"], capsys)
+    assert "pass --teacher and exactly one" in refused(["--loss", "kd", "--teacher", "resnet18", "--teacher-ckpt",
+                                                        "t.pt", "--teacher-weights", "IMAGENET1K_V1"], capsys)
+    assert "has no weights 'IMAGENET1K_V9'" in refused(["--teacher", "resnet18", "--teacher-weights",
+                                                        "IMAGENET1K_V9", "--loss", "kd"], capsys)
+    assert "no weights 'IMAGENET1K_V1' for mobilenetv1" in refused(["--teacher", "mobilenetv1", "--teacher-weights",
+                                                                    "IMAGENET1K_V1", "--loss", "kd"], capsys)
+    assert "must be positive" in refused(["--tau", "0"], capsys)
+    assert "--resume continues" in refused(["--resume"], capsys)
+    assert "--resume continues" in refused(["--resume", "--out", str(tmp_path)], capsys)   # no checkpoint there
+    refused(["--model", "resnet1001"], capsys)   # argparse refuses unknown models by name
 
 
 def test_bad_inputs_stop_with_a_sentence(data_dir, teacher_ckpt, tmp_path):
@@ -227,18 +265,10 @@ def test_bad_inputs_stop_with_a_sentence(data_dir, teacher_ckpt, tmp_path):
     make_image_tree(mixed, splits=("val",), num_classes=2, per_class=2, size=8)
     with pytest.raises(ValueError, match="train/ has 3 classes and val/ has 2"):
         imagenet.main(imagenet.parse_args(["--data-dir", mixed, *TINY]))
-    # torchvision weights: 1000 ImageNet classes (checked offline, before any download), and no MobileNetV1
+    # torchvision weights: 1000 ImageNet classes (checked offline, before any download)
     with pytest.raises(SystemExit, match="predicts 1000 classes but the data has 3"):
         imagenet.main(imagenet.parse_args(["--data-dir", data_dir, "--teacher", "resnet18", "--teacher-weights",
                                            "IMAGENET1K_V1", "--loss", "kd", *TINY]))
-    with pytest.raises(SystemExit, match="has no weights 'IMAGENET1K_V9'"):
-        imagenet.main(imagenet.parse_args(["--data-dir", data_dir, "--teacher", "resnet18", "--teacher-weights",
-                                           "IMAGENET1K_V9", "--loss", "kd", *TINY]))
-    with pytest.raises(SystemExit, match="no weights for mobilenetv1"):
-        imagenet.main(imagenet.parse_args(["--data-dir", data_dir, "--teacher", "mobilenetv1", "--teacher-weights",
-                                           "IMAGENET1K_V1", "--loss", "kd", *TINY]))
-    with pytest.raises(SystemExit, match="pass --teacher and exactly one"):
-        imagenet.main(imagenet.parse_args(["--data-dir", data_dir, "--loss", "adaptconf", *TINY]))
     # a checkpoint of another architecture names the first mismatching tensor
     with pytest.raises(ValueError, match="tensor 'model.0.0.weight' is missing"):
         imagenet.main(imagenet.parse_args(["--data-dir", data_dir, "--teacher", "mobilenetv1", "--teacher-ckpt",
@@ -246,5 +276,3 @@ def test_bad_inputs_stop_with_a_sentence(data_dir, teacher_ckpt, tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         imagenet.main(imagenet.parse_args(["--data-dir", data_dir, "--teacher", "resnet18", "--teacher-ckpt",
                                            str(tmp_path / "missing.pt"), "--loss", "kd", *TINY]))
-    with pytest.raises(SystemExit):   # argparse refuses unknown models by name
-        imagenet.parse_args(["--model", "resnet1001"])
