@@ -1,5 +1,6 @@
-"""transfer.py (Table 3): MAE checkpoint loading, layer-wise lr decay, mixup shared with the teacher, every loss,
-end-to-end distillation, exact resume, a real 2-process torchrun and the errors people will hit. CPU only, tiny ViT."""
+"""transfer.py (Table 3): MAE checkpoint loading, layer-wise lr decay, mixup shared with the teacher, every loss
+through the training loop, end-to-end distillation, exact resume, a real 2-process torchrun, the benchmark on
+synthetic data and the errors people will hit. CPU only, tiny ViT (vit_tiny_test: patch 8, dim 32, depth 2)."""
 import json
 import math
 import os
@@ -10,6 +11,7 @@ import torch.nn.functional as F
 import torchvision
 from PIL import Image
 
+import common
 import transfer
 from conftest import make_image_tree, run_torchrun
 
@@ -83,7 +85,7 @@ def files(tmp_path_factory):
 
 
 def cli(files, out, *extra):
-    return ["--data-dir", files["data"], "--model", "vit_tiny_test", "--input-size", "32", "--batch-size", "4",
+    return ["--data-dir", files["data"], "--model", "vit_tiny_test", "--image-size", "32", "--batch-size", "4",
             "--workers", "0", "--epochs", "2", "--warmup-epochs", "1", "--teacher", "resnet18",
             "--teacher-ckpt", files["teacher"], "--pretrained", files["mae"], "--out", str(out), *extra]
 
@@ -146,7 +148,7 @@ def test_checkpoints_that_are_not_this_mae_vit_are_refused(tmp_path):
 def test_vit_b16_matches_torchvision_tensor_for_tensor():
     """ViT-B/16: 86,567,656 parameters, 152 tensors mapping one to one onto torchvision's vit_b_16 (REFERENCE §2)."""
     with torch.device("meta"):   # shapes only: no memory, no initialisation time
-        ours = transfer.build_student(transfer.parse_args(["--model", "vit_base_patch16"]), 1000).state_dict()
+        ours = transfer.build_student(transfer.parse_args(["--loss", "ce"]), 1000).state_dict()
         theirs = torchvision.models.vit_b_16().state_dict()
     assert sum(t.numel() for t in ours.values()) == 86_567_656 == sum(t.numel() for t in theirs.values())
     assert len(ours) == len(theirs) == 152
@@ -186,14 +188,14 @@ def test_evaluate_scores_the_deterministic_model():
                                        mlp_dim=64).train()
     torch.manual_seed(0)
     x, y = torch.randn(40, 3, 32, 32), torch.randint(0, 3, (40,))
-    data = torch.utils.data.TensorDataset(x, y)
-    args = transfer.parse_args(["--batch-size", "8", "--workers", "0"])
-    first = transfer.evaluate(model, data, args, 0, 1, torch.device("cpu"))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
+    args = transfer.parse_args(["--loss", "ce"])
+    first = transfer.evaluate(args, model, loader, torch.device("cpu"))
     model.train()
-    assert transfer.evaluate(model, data, args, 0, 1, torch.device("cpu")) == first
+    assert transfer.evaluate(args, model, loader, torch.device("cpu")) == first
     with torch.no_grad():
         expected = 100.0 * (model.eval()(x).argmax(1) == y).float().mean().item()
-    assert first[0] == pytest.approx(expected) and first[2] == 40
+    assert first["top1"] == pytest.approx(expected) and first["images"] == 40
 
 
 # ---- recipe: layer-wise lr decay, weight decay, schedule -------------------------------------------------------------
@@ -220,7 +222,7 @@ def test_layer_decay_groups_carry_the_right_lr_scale_and_weight_decay():
 
 
 def test_lr_schedule_warms_up_per_step_then_cosine_to_min_lr():
-    args = transfer.parse_args(["--lr", "2e-3", "--epochs", "100", "--warmup-epochs", "5"])
+    args = transfer.parse_args(["--loss", "ce", "--lr", "2e-3", "--epochs", "100", "--warmup-epochs", "5"])
     assert transfer.lr_at(args, 0.0) == 0.0
     assert transfer.lr_at(args, 2.5) == pytest.approx(1e-3)                # per step, not per epoch
     assert transfer.lr_at(args, 5.0) == pytest.approx(2e-3)
@@ -231,57 +233,85 @@ def test_lr_schedule_warms_up_per_step_then_cosine_to_min_lr():
 # ---- mixup / cutmix shared with the teacher, and every loss ---------------------------------------------------------
 
 def step_setup(loss, gt_weight=1.0):
-    args = transfer.parse_args(["--model", "vit_tiny_test", "--input-size", "32", "--loss", loss, "--teacher",
-                                "resnet18", "--gt-weight", str(gt_weight), "--epochs", "10"])
+    """Args, a tiny student, a resnet18 teacher (None for ce) and the FitNet regressor (None but for fitnet)."""
+    args = transfer.parse_args(["--model", "vit_tiny_test", "--image-size", "32", "--loss", loss, "--teacher",
+                                "resnet18", "--teacher-ckpt", "unused.pth", "--gt-weight", str(gt_weight), "--epochs",
+                                "10", "--lr", "1e-3", "--batch-size", "6", "--workers", "0"])
     torch.manual_seed(0)
-    student, teacher = tiny_vit(), torchvision.models.resnet18(num_classes=NUM_CLASSES).eval().requires_grad_(False)
-    regressor = None
-    if loss == "fitnet":
-        regressor = transfer.FeatureRegressor(TINY["dim"], 512, student.grid, 1)
+    student = tiny_vit()
+    teacher = None
+    if loss != "ce":
+        teacher = torchvision.models.resnet18(num_classes=NUM_CLASSES).eval().requires_grad_(False)
+    regressor = transfer.FeatureRegressor(TINY["dim"], 512, student.grid, 1) if loss == "fitnet" else None
     return args, student, teacher, regressor
 
 
-def test_mixed_targets_sum_to_one_and_the_teacher_sees_the_same_mixed_batch():
-    args, student, teacher, regressor = step_setup("adaptconf")
-    mixer = transfer.build_mixer(args, NUM_CLASSES)
-    images, labels = torch.randn(6, 3, 32, 32), torch.tensor([0, 1, 2, 0, 1, 2])
-    for seed in range(8):   # mixup or cutmix, drawn at random per batch: look at several batches
-        torch.manual_seed(seed)
-        mixed, targets = transfer.mix_batch(images, labels, mixer, NUM_CLASSES)
-        assert targets.shape == (6, NUM_CLASSES) and torch.allclose(targets.sum(1), torch.ones(6))
-        assert mixed.shape == images.shape and not torch.equal(mixed, images)
-    assert transfer.mix_batch(images, labels, None, NUM_CLASSES)[1].equal(F.one_hot(labels, 3).float())
+def train_steps(args, student, teacher, regressor, images, labels, epoch=2):
+    """train_one_epoch over (images, labels) in batches of --batch-size; returns its stats."""
+    groups = transfer.param_groups_lrd(student, 0.05, 0.65)
+    if regressor is not None:
+        groups.append({"params": list(regressor.parameters()), "weight_decay": 0.0, "lr_scale": 1.0})
+    optimizer = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups], lr=args.lr)
+    data = torch.utils.data.TensorDataset(images, labels)
+    return transfer.train_one_epoch(args, epoch, student, teacher, regressor, optimizer, data, NUM_CLASSES, 0, 1,
+                                    torch.device("cpu"))
 
-    seen = {}
-    student.patch_embed.proj.register_forward_pre_hook(lambda m, inp: seen.__setitem__("student", inp[0].clone()))
-    teacher.conv1.register_forward_pre_hook(lambda m, inp: seen.__setitem__("teacher", inp[0].clone()))
-    torch.manual_seed(3)
-    transfer.distill_step(args, student, teacher, regressor, images, labels, mixer, NUM_CLASSES, epoch=0)
-    assert torch.equal(seen["student"], seen["teacher"])          # one mixed batch for both
-    assert not torch.equal(seen["student"], images)               # and it is mixed
+
+def test_mixed_targets_sum_to_one_and_the_teacher_sees_the_same_mixed_batch(monkeypatch):
+    args, student, teacher, regressor = step_setup("kd")
+    images, labels = torch.randn(24, 3, 32, 32), torch.arange(24) % NUM_CLASSES   # 4 batches of 6
+    seen = {"student": [], "teacher": [], "targets": []}
+    student.patch_embed.proj.register_forward_pre_hook(lambda m, inp: seen["student"].append(inp[0].clone()))
+    teacher.conv1.register_forward_pre_hook(lambda m, inp: seen["teacher"].append(inp[0].clone()))
+    loss_terms = transfer.loss_terms
+
+    def recording_loss_terms(args, epoch, student_out, teacher_out, labels):
+        seen["targets"].append(labels)
+        return loss_terms(args, epoch, student_out, teacher_out, labels)
+    monkeypatch.setattr(transfer, "loss_terms", recording_loss_terms)
+    train_steps(args, student, teacher, regressor, images, labels)
+    assert len(seen["student"]) == len(seen["teacher"]) == len(seen["targets"]) == 4
+    for x, x_teacher, targets in zip(seen["student"], seen["teacher"], seen["targets"]):
+        assert torch.equal(x, x_teacher)                                       # one mixed batch for both
+        assert not any(torch.equal(x[0], original) for original in images)     # and it is mixed
+        assert targets.shape == (6, NUM_CLASSES) and torch.allclose(targets.sum(1), torch.ones(6))
+    assert all((t.max(dim=1).values < 1).any() for t in seen["targets"])   # soft, mixed targets
 
 
 @pytest.mark.parametrize("loss,gt_weight", [("ce", 1), ("kd", 1), ("kd", 0), ("fitnet", 1), ("fitnet", 0),
                                             ("rkd", 1), ("rkd", 0), ("dkd", 1), ("augconf", 1), ("augconf", 0),
                                             ("adaptconf", 1), ("adaptconf", 0)])
-def test_every_loss_gives_a_finite_loss_and_gradients(loss, gt_weight):
+def test_every_loss_trains_with_finite_terms_and_gradients(loss, gt_weight):
     args, student, teacher, regressor = step_setup(loss, gt_weight)
-    mixer = transfer.build_mixer(args, NUM_CLASSES)
-    images, labels = torch.randn(6, 3, 32, 32), torch.tensor([0, 1, 2, 0, 1, 2])
-    value, terms, beta = transfer.distill_step(args, student, teacher, regressor, images, labels, mixer, NUM_CLASSES,
-                                               epoch=2)
-    value.backward()
-    assert torch.isfinite(value) and value.item() > 0
+    stats = train_steps(args, student, teacher, regressor, torch.randn(6, 3, 32, 32), torch.tensor([0, 1, 2] * 2))
+    terms = {k.removeprefix("loss_") for k in stats if k.startswith("loss_")}
+    assert math.isfinite(stats["loss"]) and stats["loss"] > 0
     assert ("gt" in terms) == (gt_weight > 0)
     assert ("kd" in terms) == (loss == "kd" or (loss in ("fitnet", "rkd") and gt_weight == 0))
-    assert value.item() == pytest.approx(sum(t.item() for t in terms.values()), rel=1e-5)
+    assert terms - {"gt", "kd"} == ({loss} - {"ce", "kd"})
+    assert stats["loss"] == pytest.approx(sum(stats[f"loss_{t}"] for t in terms), rel=1e-5)
+    assert stats["lr"] == pytest.approx(1e-3 * 2 / 5)                      # epoch 2 of the 5 warm-up epochs
     assert student.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
     if loss == "fitnet":
         assert regressor.conv.weight.grad.abs().sum() > 0
-    if loss == "adaptconf":
-        assert beta.shape == (6,) and (beta > 0).all() and (beta <= 0.5).all()
-    else:
-        assert beta is None
+    assert ("train_beta_mean" in stats) == (loss == "adaptconf")
+    if loss == "adaptconf":   # β ∈ (0, 0.5] of Eq. 2, a 10-bin histogram of fractions
+        assert 0 < stats["train_beta_mean"] <= 0.5 and len(stats["train_beta_hist"]) == 10
+        assert sum(stats["train_beta_hist"]) == pytest.approx(1.0)
+
+
+def test_loss_terms_choose_the_loss_without_running_a_model():
+    args = transfer.parse_args(["--loss", "dkd", "--teacher-ckpt", "unused.pth", "--dkd-T", "2"])
+    torch.manual_seed(0)
+    s, t = torch.randn(4, 3, requires_grad=True), torch.randn(4, 3)
+    labels = F.one_hot(torch.tensor([0, 1, 2, 0]), 3).float()
+    terms = transfer.loss_terms(args, 0, (s, None, None), (t, None, None), labels)
+    assert set(terms) == {"gt", "dkd"}
+    assert terms["gt"].item() == pytest.approx(F.cross_entropy(s, labels, label_smoothing=0.1).item())
+    expected = common.dkd_loss(s, t, torch.tensor([0, 1, 2, 0]), alpha=1.0, beta=2.0, T=2.0)   # --dkd-T, not --kd-T
+    assert terms["dkd"].item() == pytest.approx(expected.item())
+    ce = transfer.parse_args(["--loss", "ce"])
+    assert set(transfer.loss_terms(ce, 0, (s, None, None), None, labels)) == {"gt"}
 
 
 # ---- end to end ----------------------------------------------------------------------------------------------------
@@ -295,11 +325,11 @@ def test_end_to_end_distillation_logs_checkpoints_and_eval_only(files, tmp_path)
     out = tmp_path / "run"
     results = transfer.main(transfer.parse_args(cli(files, out, "--loss", "adaptconf", "--epochs", "1")))
     (record,) = read_log(out)
-    for key in ("epoch", "lr", "loss", "gt", "adaptconf", "top1", "top5", "images_per_s", "seconds", "beta_mean",
-                "beta_frac_half", "beta_hist", "teacher_top1", "val_images"):
+    for key in ("epoch", "lr", "loss", "loss_gt", "loss_adaptconf", "top1", "top5", "images", "images_per_s",
+                "seconds", "train_beta_mean", "train_beta_frac_half", "train_beta_hist", "teacher_top1"):
         assert key in record, key
-    assert record["val_images"] == 9 and len(record["beta_hist"]) == 10
-    assert sum(record["beta_hist"]) == pytest.approx(1.0) and 0 < record["beta_mean"] <= 0.5
+    assert record["images"] == 9 and len(record["train_beta_hist"]) == 10
+    assert sum(record["train_beta_hist"]) == pytest.approx(1.0) and 0 < record["train_beta_mean"] <= 0.5
     assert round(record["top1"] * 9 / 100, 6) == round(record["top1"] * 9 / 100)   # counts, not averaged means
     with open(out / "results.json") as f:
         saved = json.load(f)
@@ -310,7 +340,7 @@ def test_end_to_end_distillation_logs_checkpoints_and_eval_only(files, tmp_path)
     assert "head.weight" in ckpt["model"] and "cls_token" in ckpt["model"]
     evaluated = transfer.main(transfer.parse_args(cli(files, tmp_path / "eval", "--eval-only",
                                                       str(out / "checkpoint.pt"))))
-    assert evaluated["top1"] == results["top1"] and evaluated["val_images"] == 9
+    assert evaluated["top1"] == results["top1"] and evaluated["images"] == 9
 
 
 def test_resume_reproduces_an_uninterrupted_run_exactly(files, tmp_path):
@@ -340,18 +370,24 @@ def test_torchrun_two_processes_count_every_validation_image_once(files, tmp_pat
     assert "global batch 6 (2 x 3)" in proc.stdout
     with open(out / "results.json") as f:
         results = json.load(f)
-    assert results["val_images"] == 9   # 5 + 4 on the two processes, no padding
+    assert results["images"] == 9 and results["world_size"] == 2   # 5 + 4 on the two processes, no padding
     assert round(results["top1"] * 9 / 100, 6) == round(results["top1"] * 9 / 100)
     (record,) = read_log(out)
-    assert "gt" not in record and record["kd"] > 0
+    assert "loss_gt" not in record and record["loss_kd"] > 0
 
 
-def test_benchmark_runs_on_synthetic_tensors_without_data(tmp_path):
-    args = transfer.parse_args(["--model", "vit_tiny_test", "--input-size", "32", "--batch-size", "4", "--loss",
-                                "adaptconf", "--teacher", "resnet18", "--benchmark", "2", "--data-dir", "/nonexistent",
-                                "--out", str(tmp_path)])
+def test_benchmark_runs_the_training_loop_on_synthetic_images_without_data(tmp_path, capsys):
+    """No data and no teacher checkpoint: synthetic images of the real size, a teacher with random weights."""
+    args = transfer.parse_args(["--model", "vit_tiny_test", "--image-size", "32", "--batch-size", "4", "--workers", "0",
+                                "--loss", "adaptconf", "--teacher", "resnet18", "--benchmark", "2", "--data-dir",
+                                "/nonexistent", "--out", str(tmp_path)])
     result = transfer.main(args)
-    assert result["images_per_s"] > 0 and os.path.isfile(tmp_path / "benchmark.json")
+    assert result["images_per_s"] > 0 and result["ms_per_step"] > 0 and result["global_batch"] == 4
+    with open(tmp_path / "benchmark.json") as f:
+        assert json.load(f)["images_per_s"] == result["images_per_s"]
+    out = capsys.readouterr().out
+    assert "random weights" in out and "images/s" in out and "ms/step" in out
+    assert not os.path.exists(tmp_path / "log.jsonl")   # the benchmark trains no epoch and writes no log
 
 
 def test_inaturalist_split_follows_the_official_json_files(tmp_path):
@@ -367,7 +403,7 @@ def test_inaturalist_split_follows_the_official_json_files(tmp_path):
     for split, imgs in images.items():
         with open(root / f"{split}2019.json", "w") as f:
             json.dump({"images": imgs}, f)
-    args = transfer.parse_args(["--dataset", "inat2019", "--data-dir", str(root), "--input-size", "16"])
+    args = transfer.parse_args(["--dataset", "inat2019", "--data-dir", str(root), "--image-size", "16", "--loss", "ce"])
     train, val, num_classes = transfer.build_datasets(args)
     assert (len(train), len(val), num_classes) == (6, 3, 3)
     assert sorted(val[i][1] for i in range(3)) == [0, 1, 2]
@@ -395,19 +431,24 @@ def test_bad_inputs_stop_with_one_clear_sentence(files, tmp_path):
         run("--teacher", "resnet50")
     with pytest.raises(ValueError, match="not an MAE ViT checkpoint"):
         run("--pretrained", files["teacher"])
-    with pytest.raises(ValueError, match="needs ground-truth labels"):
-        run("--loss", "dkd", "--gt-weight", "0")
-    with pytest.raises(ValueError, match="--gt-weight must be > 0"):
-        run("--loss", "ce", "--gt-weight", "0")
-    with pytest.raises(ValueError, match="not a torchvision weights name"):
-        transfer.main(transfer.parse_args([a for a in cli(files, tmp_path / "bad") if a != files["teacher"]
-                                           and a != "--teacher-ckpt"] + ["--teacher-weights", "NoSuch_Weights.X"]))
-    with pytest.raises(ValueError, match="needs a teacher"):
-        transfer.main(transfer.parse_args([a for a in cli(files, tmp_path / "bad") if a != files["teacher"]
-                                           and a != "--teacher-ckpt"] + ["--loss", "kd"]))
     with pytest.raises(FileNotFoundError, match="--resume needs"):
         run("--resume", "--out", str(tmp_path / "fresh"))
     with pytest.raises(ValueError, match="fewer than one batch"):
         run("--batch-size", "64")
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--loss", "dkd", "--gt-weight", "0"], "needs ground-truth labels"),
+    (["--loss", "ce", "--gt-weight", "0"], "--gt-weight must be > 0"),
+    (["--loss", "kd"], "needs a teacher"),
+    (["--loss", "ce", "--resume"], "--resume continues <out>/checkpoint.pt"),
+    (["--loss", "adaptconf", "--teacher-ckpt", "t.pth", "--tau", "0"], "must be > 0"),
+    (["--loss", "ce", "--image-size", "100"], "not a multiple of the patch size"),
+    (["--loss", "ce", "--benchmark", "5", "--eval-only", "x.pth"], "cannot be combined"),
+    (["--loss", "ce", "--model", "vit_huge"], "invalid choice"),
+    (["--loss", "ce", "--input-size", "224"], "unrecognized arguments"),   # renamed --image-size
+])
+def test_bad_arguments_stop_in_parse_args_before_any_data_is_read(argv, message, capsys):
     with pytest.raises(SystemExit):
-        transfer.parse_args(["--model", "vit_huge"])
+        transfer.parse_args(argv)
+    assert message in capsys.readouterr().err
