@@ -45,6 +45,16 @@ def read_log(out):
         return [json.loads(line) for line in f]
 
 
+def parse_error(capsys, *argv):
+    """parse_args stops with a usage error before any data is read; returns its message."""
+    with pytest.raises(SystemExit):
+        fewshot.parse_args(list(map(str, argv)))
+    return capsys.readouterr().err
+
+
+SHOTS = ("1shot", "1shot_ci", "5shot", "5shot_ci")
+
+
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     return write_pickles(tmp_path_factory.mktemp("mini"))
@@ -119,7 +129,7 @@ def test_episode_accuracies_split_over_ranks_equal_the_single_process_ones():
 
 
 def test_adaptconf_beta_warm_up_is_the_first_quarter_of_epochs():
-    args = fewshot.parse_args(["--stage", "meta", "--epochs", "20"])
+    args = fewshot.parse_args(["--stage", "meta", "--epochs", "20", "--init", "cls.pt"])
     assert [fewshot.beta_scale(args, e) for e in (0, 1, 4, 5, 19)] == [0.0, 0.2, 0.8, 1.0, 1.0]
     assert (args.lr, args.tau, args.kd_T, args.lr_decay_epoch) == (1e-3, 0.25, 10.0, None)
     args = fewshot.parse_args([])
@@ -146,15 +156,21 @@ def test_classifier_stage_then_meta_stage_then_evaluation(data_dir, teacher_ckpt
               "--teacher", "resnet12", "--teacher-ckpt", teacher_ckpt, "--epochs", "2", "--batch-size", "48")
     log = read_log(student)
     assert [r["epoch"] for r in log] == [0, 1]
-    assert log[0]["beta_scale"] == 0.0 and log[1]["beta_scale"] == 1.0   # 25% warm-up of 2 epochs
-    assert 0 < log[1]["beta_mean"] <= 0.5 and 0 <= log[1]["beta_frac_half"] <= 1
-    assert len(log[1]["beta_hist"]) == 10 and sum(log[1]["beta_hist"]) == pytest.approx(1.0)
+    assert log[0]["train_beta_scale"] == 0.0 and log[1]["train_beta_scale"] == 1.0   # 25% warm-up of 2 epochs
+    assert 0 < log[1]["train_beta_mean"] <= 0.5 and 0 <= log[1]["train_beta_frac_half"] <= 1
+    assert len(log[1]["train_beta_hist"]) == 10 and sum(log[1]["train_beta_hist"]) == pytest.approx(1.0)
     assert log[0]["lr"] == 0.1 and log[1]["lr"] == pytest.approx(0.01)   # x0.1 at 0.9·epochs
-    assert log[1]["loss_distill"] > 0
+    assert log[1]["loss_adaptconf"] > 0 and log[1]["images"] == 20 * 5 * 3   # val: 20 episodes of 5 × 3 queries
+    assert log[1]["top1"] == log[1]["1shot"] and set(SHOTS) <= set(log[1])
     saved = json.loads((student / "results.json").read_text())
-    assert saved["test"]["5shot"] == pytest.approx(res["test"]["5shot"])
+    assert saved["5shot"] == pytest.approx(res["5shot"]) and saved["split"] == "test"
+    assert res["top1"] == res["1shot"] and res["images"] == 40 * 5 * 3   # test: 40 episodes per shot
+    assert res["best_epoch"] in (0, 1) and log[res["best_epoch"]]["top1"] == res["best_top1"]
+    # the teacher, scored on the same test episodes, as its own evaluation scores it
+    alone = run(data_dir, tmp_path / "teacher_eval", "--model", "resnet12", "--eval-only", teacher_ckpt)
+    assert res["teacher_top1"] == pytest.approx(alone["top1"])
     # classes differ in colour, so features separate them: wrong episode labels would give 20%
-    assert res["test"]["5shot"] > 50 and res["test"]["1shot_ci"] >= 0
+    assert res["5shot"] > 50 and res["1shot_ci"] >= 0
 
     # Table 6: meta stage from the student's classifier-stage encoder, classifier-stage teacher
     meta = tmp_path / "meta"
@@ -164,7 +180,7 @@ def test_classifier_stage_then_meta_stage_then_evaluation(data_dir, teacher_ckpt
     log = read_log(meta)
     assert log[0]["lr"] == 1e-3 and log[1]["lr"] == 1e-3
     assert log[0]["scale"] != 10.0                                          # the scale is learned
-    assert res["test"]["1shot"] > 40 and res["best_epoch"] in (0, 1)
+    assert res["1shot"] > 40 and res["best_epoch"] in (0, 1)
     ckpt = torch.load(meta / "checkpoint.pt", weights_only=False)
     assert ckpt["epoch"] == 2 and "scale" in ckpt["model"] and "head.weight" not in ckpt["model"]
     # the encoder really came from the classifier stage: untrained, the first BN's running mean would be 0
@@ -175,13 +191,13 @@ def test_classifier_stage_then_meta_stage_then_evaluation(data_dir, teacher_ckpt
     res = run(data_dir, tmp_path / "meta2", "--stage", "meta", "--model", "resnet36", "--init",
               student / "checkpoint.pt", "--loss", "kd", "--teacher", "resnet36", "--teacher-ckpt",
               meta / "checkpoint.pt", "--epochs", "1", "--batches-per-epoch", "2", "--episodes-per-batch", "1")
-    assert read_log(tmp_path / "meta2")[0]["loss_distill"] > 0
+    assert read_log(tmp_path / "meta2")[0]["loss_kd"] > 0
 
     # evaluation only, of either stage's checkpoint
     res = run(data_dir, tmp_path / "eval", "--model", "resnet36", "--eval-only", meta / "checkpoint.pt")
     again = json.loads((tmp_path / "eval" / "results.json").read_text())
-    assert again["test"] == pytest.approx(res["test"]) and set(res["test"]) == {"1shot", "1shot_ci", "5shot",
-                                                                                "5shot_ci"}
+    assert {k: again[k] for k in SHOTS} == pytest.approx({k: res[k] for k in SHOTS})
+    assert res["top1"] == res["1shot"] and res["images"] == 40 * 5 * 3 and res["split"] == "test"
 
 
 @pytest.mark.parametrize("loss", ["kd", "rkd", "augconf"])
@@ -189,22 +205,23 @@ def test_other_losses_train(data_dir, teacher_ckpt, tmp_path, loss):
     run(data_dir, tmp_path, "--stage", "classifier", "--model", "resnet12", "--loss", loss, "--teacher",
         "resnet12", "--teacher-ckpt", teacher_ckpt, "--epochs", "1", "--batch-size", "48", "--test-episodes", "10")
     record = read_log(tmp_path)[0]
-    assert record["loss_distill"] > 0 and record["loss"] == pytest.approx(record["loss_gt"] + record["loss_distill"],
-                                                                           rel=1e-5)
+    assert record[f"loss_{loss}"] > 0
+    assert record["loss"] == pytest.approx(record["loss_gt"] + record[f"loss_{loss}"], rel=1e-5)
 
 
 def test_image_folder_layout(tmp_path):
     root = make_image_tree(str(tmp_path / "tree"), splits=("train", "val", "test"), num_classes=5, per_class=8,
                            size=20)
-    images, labels = fewshot.load_split(root, "val", 16)
+    images, labels, per_class = fewshot.load_split(root, "val", 16)
     assert images.shape == (40, 3, 16, 16) and images.dtype == torch.uint8 and labels.tolist() == sorted(labels)
+    assert [len(c) for c in per_class] == [8] * 5
     res = run(root, tmp_path / "out", "--stage", "classifier", "--model", "resnet12", "--epochs", "1",
               "--batch-size", "16")
-    assert 0 <= res["test"]["1shot"] <= 100
+    assert 0 <= res["1shot"] <= 100
 
 
 def test_pickles_are_resized_and_relabelled(data_dir):
-    images, labels = fewshot.load_split(data_dir, "test", 16)
+    images, labels, _ = fewshot.load_split(data_dir, "test", 16)
     assert images.shape == (40, 3, 16, 16) and labels.min() == 0 and labels.max() == 4
 
 
@@ -239,7 +256,8 @@ def test_torchrun_two_processes_train_and_evaluate_every_episode_once(data_dir, 
     # the same checkpoint evaluated by one process gives the same episodes and the same accuracies
     single = run(data_dir, tmp_path / "single", "--model", "resnet12", "--eval-only", out / "checkpoint.pt",
                  "--test-episodes", "41")
-    assert ddp["test"] == pytest.approx(single["test"], abs=1e-9)
+    assert {k: ddp[k] for k in SHOTS} == pytest.approx({k: single[k] for k in SHOTS}, abs=1e-9)
+    assert ddp["images"] == single["images"] == 41 * 5 * 3 and ddp["world_size"] == 2
     # the meta stage under DDP: episodes split over the two processes, initialised from the classifier stage
     meta = tmp_path / "meta_ddp"
     run_torchrun("fewshot.py", ["--data-dir", data_dir, "--out", meta, *TINY, "--stage", "meta", "--model",
@@ -247,17 +265,22 @@ def test_torchrun_two_processes_train_and_evaluate_every_episode_once(data_dir, 
                                 "resnet12", "--teacher-ckpt", teacher_ckpt, "--epochs", "1", "--batches-per-epoch",
                                 "2", "--episodes-per-batch", "1", "--test-episodes", "41"])
     (record,) = read_log(meta)
-    assert record["loss_distill"] > 0 and 0 < record["beta_mean"] <= 0.5
+    assert record["loss_adaptconf"] > 0 and 0 < record["train_beta_mean"] <= 0.5
     single = run(data_dir, tmp_path / "single_meta", "--model", "resnet12", "--eval-only", meta / "checkpoint.pt",
                  "--test-episodes", "41")
-    assert json.loads((meta / "results.json").read_text())["test"] == pytest.approx(single["test"], abs=1e-9)
+    ddp = json.loads((meta / "results.json").read_text())
+    assert {k: ddp[k] for k in SHOTS} == pytest.approx({k: single[k] for k in SHOTS}, abs=1e-9)
 
 
-def test_benchmark_runs_on_synthetic_images(capsys):
-    res = fewshot.main(fewshot.parse_args(["--benchmark", "2", "--stage", "meta", "--model", "resnet12", "--width",
-                                           "4", "--image-size", "16", "--episodes-per-batch", "1", "--query", "2",
-                                           "--loss", "adaptconf", "--teacher", "resnet12"]))
-    assert res["ms_per_step"] > 0 and "images/s" in capsys.readouterr().out
+@pytest.mark.parametrize("stage", ["classifier", "meta"])
+def test_benchmark_runs_the_training_loop_on_synthetic_images(capsys, tmp_path, stage):
+    """No data, no checkpoints: random images of the real shapes, a random teacher, a random meta-stage encoder."""
+    res = fewshot.main(fewshot.parse_args(["--benchmark", "2", "--stage", stage, "--model", "resnet12", "--width",
+                                           "4", "--image-size", "16", "--batch-size", "8", "--episodes-per-batch",
+                                           "1", "--query", "2", "--loss", "adaptconf", "--teacher", "resnet12",
+                                           "--out", str(tmp_path)]))
+    assert res["ms_per_step"] > 0 and res["images_per_s"] > 0 and "images/s" in capsys.readouterr().out
+    assert json.loads((tmp_path / "benchmark.json").read_text())["ms_per_step"] == res["ms_per_step"]
 
 
 # ---- bad inputs ----------------------------------------------------------------------------------------------------
@@ -288,21 +311,29 @@ def test_too_few_images_per_class(tmp_path):
         run(root, tmp_path / "o", "--epochs", "1", "--model", "resnet12", "--way", "6")
 
 
+def test_bad_arguments_stop_in_parse_args(capsys, tmp_path):
+    assert "pass --teacher and --teacher-ckpt" in parse_error(capsys, "--loss", "kd")
+    assert "pass --teacher and --teacher-ckpt" in parse_error(capsys, "--loss", "kd", "--teacher", "resnet12")
+    assert "pass --init" in parse_error(capsys, "--stage", "meta")
+    assert "--init is for the meta stage" in parse_error(capsys, "--init", "cls.pt")
+    assert "nothing to learn from" in parse_error(capsys, "--gt-weight", "0")
+    assert "temperatures" in parse_error(capsys, "--loss", "adaptconf", "--teacher", "resnet12", "--teacher-ckpt",
+                                         "t.pt", "--tau", "0")
+    assert "does not exist" in parse_error(capsys, "--resume", "--out", tmp_path)
+    assert "does not exist" in parse_error(capsys, "--resume")
+
+
 def test_bad_teachers_and_missing_init(data_dir, teacher_ckpt, tmp_path):
     base = ["--epochs", "1", "--model", "resnet12"]
-    with pytest.raises(SystemExit, match="pass --teacher and --teacher-ckpt"):
-        run(data_dir, tmp_path / "o", *base, "--loss", "kd")
     with pytest.raises(ValueError, match="layer1.0.conv1.weight"):             # a ResNet-12 checkpoint as ResNet-18
         run(data_dir, tmp_path / "o", *base, "--loss", "kd", "--teacher", "resnet18", "--teacher-ckpt", teacher_ckpt)
     os.makedirs(tmp_path / "other")
     other = write_pickles(tmp_path / "other", classes=(6, 5, 5))
-    with pytest.raises(ValueError, match="predicts 8 classes but the training split has 6"):
+    with pytest.raises(ValueError, match=r"'head.weight' has shape \(8, 32\) in the checkpoint but \(6, 32\)"):
         run(other, tmp_path / "o", *base, "--loss", "kd", "--teacher", "resnet12", "--teacher-ckpt", teacher_ckpt)
     (tmp_path / "junk.pt").write_text("not a checkpoint")
     with pytest.raises(ValueError, match="not a PyTorch checkpoint"):
         run(data_dir, tmp_path / "o", *base, "--loss", "kd", "--teacher", "resnet12", "--teacher-ckpt",
             tmp_path / "junk.pt")
-    with pytest.raises(SystemExit, match="pass --init"):
-        run(data_dir, tmp_path / "o", *base, "--stage", "meta")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         run(data_dir, tmp_path / "o", *base, "--stage", "meta", "--init", tmp_path / "absent.pt")
