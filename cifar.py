@@ -2,18 +2,16 @@
 (Guo et al., arXiv 2402.03749), on the RepDistiller/mdistiller model zoo (their checkpoints load with strict=True).
 
     # a weak teacher, then a strong student distilled from it with AdaptConf (Eq. 2); --gt-weight 0 = Table 2b
-    python cifar.py --data-dir data --model resnet20 --loss ce --out runs/resnet20
+    torchrun --nproc_per_node=8 cifar.py --data-dir data --model resnet20 --loss ce --out runs/resnet20
     torchrun --nproc_per_node=8 cifar.py --data-dir data --model resnet56 --loss adaptconf --teacher resnet20 \
         --teacher-ckpt runs/resnet20/checkpoint.pt --out runs/resnet56_adaptconf
-    python cifar.py --dataset synthetic --model resnet8 --epochs 2          # no data, a CPU, under a minute
+    python cifar.py --dataset synthetic --model resnet8 --epochs 2 --warmup-epochs 0   # no data: a CPU, a minute
 
 Paper, top-1 (mean of 3 runs): resnet20 (68.93) -> resnet56: 72.94 from scratch, 74.17 with AdaptConf (Table 1);
 ShuffleV1 (72.40) -> resnet32x4: 79.90 scratch, 80.99 AdaptConf (Table 2a), 78.48 without labels (Table 2b).
-Recipe (paper appendix, official cifar_v0.yaml on timm): 240 epochs, SGD-Nesterov 0.9, lr 0.2 at global batch 512
-(scaled linearly with the global batch), 10 warm-up epochs then cosine to 2e-3, weight decay 5e-4 (not on biases and
-BN), random-resized-crop + flip, evaluation resize 36 / centre-crop 32. The training set stays on the device as uint8
-and is augmented there in batches.
-- The lr warm-up and cosine are set per step (timm steps them per epoch).
+The recipe is the paper's and the official cifar_v0.yaml's (on timm): see --help. The training set stays on the
+device as uint8 and is augmented there in batches. Where we differ from the official code:
+- The lr warm-up (from 0) and cosine (after the warm-up) are set per step; timm steps them per epoch from 1e-4.
 - FitNet regressors are conv + BN + ReLU (mdistiller's ConvReg), not the official bare 1x1 convolutions, which cannot
   map the different spatial sizes of the Table 2 pairs.
 - Feature losses use post-activation stage outputs (mdistiller's ReviewKD uses pre-activation ones); without labels
@@ -38,7 +36,7 @@ from torch.nn.parallel import DistributedDataParallel
 from common import (FeatureRegressor, ReviewKDFusion, adaptconf_beta, adaptconf_loss, augconf_alpha, augconf_loss,
                     beta_counts, beta_summary, dkd_loss, hcl_loss, hint_loss, kd_loss, rkd_loss, topk_correct)
 
-# ---- shared: DDP, seeding, logging, checkpoints -----------------------------------------------------------------
+# ---- shared: DDP, seeding, logging, checkpoints ------------------------------------------------------------------
 # Copied on purpose, identically, into every script (tests/test_copies.py keeps the copies equal): edit all together.
 
 def setup_distributed():
@@ -54,23 +52,21 @@ def setup_distributed():
 
 
 def cleanup_distributed():
-    """Leaves the process group; main calls it in `finally`. After success it first waits for every process (none
-    exits while another still writes); with an exception on its way out it leaves at once (torchrun stops the rest)."""
+    """In main's `finally`. After success, waits for every process (none exits while another still writes); with an
+    exception on its way out, leaves at once (torchrun then stops the others)."""
     if dist.is_initialized():
         if sys.exc_info()[0] is None:
             dist.barrier()
         dist.destroy_process_group()
 
 
-def all_reduce_sum(tensor):
-    """Sums `tensor` over all processes in place (no-op without DDP) and returns it."""
+def all_reduce_sum(tensor):   # in place over all processes; a no-op without DDP
     if dist.is_initialized():
         dist.all_reduce(tensor)
     return tensor
 
 
-def broadcast_buffers(model):
-    """Rank 0's BatchNorm statistics to every process before evaluating (DDP syncs them only in training forwards)."""
+def broadcast_buffers(model):   # rank 0's BatchNorm statistics to all, before evaluating (DDP syncs them in training)
     if dist.is_initialized():
         for buffer in model.buffers():
             dist.broadcast(buffer, src=0)
@@ -83,13 +79,10 @@ def seeded(*keys, device="cpu"):
     return torch.Generator(device).manual_seed(int.from_bytes(digest[:8], "little") >> 1)
 
 
-def check_finite(means, epoch):
-    """Stops on non-finite epoch means ({term: float}, averaged over processes, so all stop together); read once an
-    epoch, because a check per step would stall the GPU at every step."""
-    bad = [name for name, value in means.items() if not math.isfinite(value)]
-    if bad:
-        raise FloatingPointError(f"{', '.join(bad)} became non-finite in epoch {epoch}; lower --lr, or check the data "
-                                 "and the teacher checkpoint")
+def check_finite(means, epoch):   # epoch means, equal on all processes: all stop together, and no host sync per step
+    if not all(math.isfinite(v) for v in means.values()):
+        raise FloatingPointError(f"the loss became non-finite in epoch {epoch} ({means}); lower --lr, or check the "
+                                 "data and the teacher checkpoint")
 
 
 def log_record(out_dir, record):
@@ -101,22 +94,19 @@ def log_record(out_dir, record):
             f.write(json.dumps(record) + "\n")
 
 
-def trim_log(out_dir, start_epoch):
-    """On resume: keeps the log lines of epochs < start_epoch (later ones were written after the checkpoint)."""
+def trim_log(out_dir, start_epoch):   # on resume: drops the log lines written after the checkpoint
     path = os.path.join(out_dir, "log.jsonl")
-    lines = open(path).readlines() if os.path.exists(path) else []
-    write_text("".join(line for line in lines if line.strip() and json.loads(line)["epoch"] < start_epoch), path)
+    with open(path) if os.path.exists(path) else open(os.devnull) as f:
+        write_text("".join(line for line in f if line.strip() and json.loads(line)["epoch"] < start_epoch), path)
 
 
-def write_text(text, path):
-    """Writes to a temporary name, then renames: a killed run never leaves a half-written file."""
+def write_text(text, path):   # to a temporary name, then renamed: a killed run never leaves a half-written file
     with open(path + ".tmp", "w") as f:
         f.write(text)
     os.replace(path + ".tmp", path)
 
 
-def save_atomic(obj, path):
-    """torch.save to a temporary name, then rename, as write_text does."""
+def save_atomic(obj, path):   # torch.save to a temporary name, then renamed, as write_text
     torch.save(obj, path + ".tmp")
     os.replace(path + ".tmp", path)
 
@@ -134,8 +124,7 @@ def load_state_dict(path):
     return {k.removeprefix("module."): v for k, v in sd.items()}
 
 
-def load_weights(model, state_dict, what):
-    """Strict load that names the first missing, unexpected or mis-shaped tensor instead of listing hundreds."""
+def load_weights(model, state_dict, what):   # strict, naming the first wrong tensor instead of listing hundreds
     own = model.state_dict()
     for name in [*own, *state_dict]:
         problem = ("is missing from the checkpoint" if name not in state_dict else "is not in the model"
@@ -744,16 +733,13 @@ def main(args):
             os.makedirs(args.out, exist_ok=True)
         train_x, train_y, test_x, test_y, classes, normalize = load_data(args, rank, world_size, device)
         if args.eval_only:
-            net = build_model(args.model, classes)
+            net = build_model(args.model, classes).to(device, memory_format=memory_format)
             load_weights(net, load_state_dict(args.eval_only), f"--eval-only checkpoint {args.eval_only}")
-            result = evaluate(args, net.to(device, memory_format=memory_format), test_x, test_y, normalize, rank,
-                              world_size)
+            result = evaluate(args, net, test_x, test_y, normalize, rank, world_size)
             if rank == 0:
-                print(f"eval {args.model} from {args.eval_only}: top1 {result['top1']:.2f}  top5 {result['top5']:.2f}"
-                      f"  ({result['images']} images)", flush=True)
+                print(f"eval {args.eval_only}: top1 {result['top1']:.2f}  top5 {result['top5']:.2f}", flush=True)
                 if args.out:
-                    write_text(json.dumps({**result, "checkpoint": args.eval_only, "args": vars(args)}, indent=2),
-                               os.path.join(args.out, "results.json"))
+                    write_text(json.dumps({**result, "args": vars(args)}, indent=2), f"{args.out}/results.json")
             return result
 
         teacher = None
@@ -787,14 +773,13 @@ def main(args):
             epoch_train(0, args.benchmark)   # reading the returned means waits for the device
             seconds = time.time() - start
             result = {"images_per_s": args.benchmark * global_batch / seconds,
-                      "ms_per_step": 1000 * seconds / args.benchmark, "device": torch.cuda.get_device_name(device)
-                      if device.type == "cuda" else "cpu", "world_size": world_size, "args": vars(args)}
+                      "ms_per_step": 1000 * seconds / args.benchmark, "world_size": world_size, "args": vars(args)}
             if rank == 0:
-                print(f"benchmark: {args.model} <- {args.teacher} ({args.loss}), global batch {global_batch} on "
-                      f"{world_size} x {result['device']}: {result['images_per_s']:.0f} images/s, "
+                print(f"benchmark: {args.model} <- {args.teacher or 'labels'} ({args.loss}), global batch "
+                      f"{global_batch} on {world_size} x {device}: {result['images_per_s']:.0f} images/s, "
                       f"{result['ms_per_step']:.1f} ms/step", flush=True)
                 if args.out:
-                    write_text(json.dumps(result, indent=2), os.path.join(args.out, "benchmark.json"))
+                    write_text(json.dumps(result, indent=2), f"{args.out}/benchmark.json")
             return result
 
         start_epoch, best, seconds = 0, {"top1": -1.0, "top5": -1.0, "epoch": -1}, 0.0
@@ -844,7 +829,7 @@ def main(args):
             print(f"done: top1 {results['top1']:.2f} (best {results['best_top1']:.2f} at epoch {best['epoch']}), "
                   f"{seconds:.0f} s", flush=True)
             if args.out:
-                write_text(json.dumps(results, indent=2), os.path.join(args.out, "results.json"))
+                write_text(json.dumps(results, indent=2), f"{args.out}/results.json")
         return results
     finally:
         cleanup_distributed()
@@ -889,7 +874,7 @@ def parse_args(argv=None):
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=240, help="length of the schedule")
     g.add_argument("--batch-size", type=int, default=64, help="images per process per step (8 x 64 = paper's 512)")
-    g.add_argument("--lr", type=float, default=0.2, help="peak lr for a global batch of 512; scaled linearly")
+    g.add_argument("--lr", type=float, default=0.2, help="peak lr of SGD (Nesterov 0.9) at a global batch of 512; scaled linearly")
     g.add_argument("--min-lr", type=float, default=2e-3, help="final cosine lr for a global batch of 512; scaled too")
     g.add_argument("--warmup-epochs", type=int, default=10, help="linear lr warm-up epochs")
     g.add_argument("--weight-decay", type=float, default=5e-4, help="weight decay (not on biases and BN)")

@@ -39,7 +39,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import common
 
-# ---- shared: DDP, seeding, logging, checkpoints -----------------------------------------------------------------
+# ---- shared: DDP, seeding, logging, checkpoints ------------------------------------------------------------------
 # Copied on purpose, identically, into every script (tests/test_copies.py keeps the copies equal): edit all together.
 
 def setup_distributed():
@@ -55,23 +55,21 @@ def setup_distributed():
 
 
 def cleanup_distributed():
-    """Leaves the process group; main calls it in `finally`. After success it first waits for every process (none
-    exits while another still writes); with an exception on its way out it leaves at once (torchrun stops the rest)."""
+    """In main's `finally`. After success, waits for every process (none exits while another still writes); with an
+    exception on its way out, leaves at once (torchrun then stops the others)."""
     if dist.is_initialized():
         if sys.exc_info()[0] is None:
             dist.barrier()
         dist.destroy_process_group()
 
 
-def all_reduce_sum(tensor):
-    """Sums `tensor` over all processes in place (no-op without DDP) and returns it."""
+def all_reduce_sum(tensor):   # in place over all processes; a no-op without DDP
     if dist.is_initialized():
         dist.all_reduce(tensor)
     return tensor
 
 
-def broadcast_buffers(model):
-    """Rank 0's BatchNorm statistics to every process before evaluating (DDP syncs them only in training forwards)."""
+def broadcast_buffers(model):   # rank 0's BatchNorm statistics to all, before evaluating (DDP syncs them in training)
     if dist.is_initialized():
         for buffer in model.buffers():
             dist.broadcast(buffer, src=0)
@@ -84,13 +82,10 @@ def seeded(*keys, device="cpu"):
     return torch.Generator(device).manual_seed(int.from_bytes(digest[:8], "little") >> 1)
 
 
-def check_finite(means, epoch):
-    """Stops on non-finite epoch means ({term: float}, averaged over processes, so all stop together); read once an
-    epoch, because a check per step would stall the GPU at every step."""
-    bad = [name for name, value in means.items() if not math.isfinite(value)]
-    if bad:
-        raise FloatingPointError(f"{', '.join(bad)} became non-finite in epoch {epoch}; lower --lr, or check the data "
-                                 "and the teacher checkpoint")
+def check_finite(means, epoch):   # epoch means, equal on all processes: all stop together, and no host sync per step
+    if not all(math.isfinite(v) for v in means.values()):
+        raise FloatingPointError(f"the loss became non-finite in epoch {epoch} ({means}); lower --lr, or check the "
+                                 "data and the teacher checkpoint")
 
 
 def log_record(out_dir, record):
@@ -102,22 +97,19 @@ def log_record(out_dir, record):
             f.write(json.dumps(record) + "\n")
 
 
-def trim_log(out_dir, start_epoch):
-    """On resume: keeps the log lines of epochs < start_epoch (later ones were written after the checkpoint)."""
+def trim_log(out_dir, start_epoch):   # on resume: drops the log lines written after the checkpoint
     path = os.path.join(out_dir, "log.jsonl")
-    lines = open(path).readlines() if os.path.exists(path) else []
-    write_text("".join(line for line in lines if line.strip() and json.loads(line)["epoch"] < start_epoch), path)
+    with open(path) if os.path.exists(path) else open(os.devnull) as f:
+        write_text("".join(line for line in f if line.strip() and json.loads(line)["epoch"] < start_epoch), path)
 
 
-def write_text(text, path):
-    """Writes to a temporary name, then renames: a killed run never leaves a half-written file."""
+def write_text(text, path):   # to a temporary name, then renamed: a killed run never leaves a half-written file
     with open(path + ".tmp", "w") as f:
         f.write(text)
     os.replace(path + ".tmp", path)
 
 
-def save_atomic(obj, path):
-    """torch.save to a temporary name, then rename, as write_text does."""
+def save_atomic(obj, path):   # torch.save to a temporary name, then renamed, as write_text
     torch.save(obj, path + ".tmp")
     os.replace(path + ".tmp", path)
 
@@ -135,8 +127,7 @@ def load_state_dict(path):
     return {k.removeprefix("module."): v for k, v in sd.items()}
 
 
-def load_weights(model, state_dict, what):
-    """Strict load that names the first missing, unexpected or mis-shaped tensor instead of listing hundreds."""
+def load_weights(model, state_dict, what):   # strict, naming the first wrong tensor instead of listing hundreds
     own = model.state_dict()
     for name in [*own, *state_dict]:
         problem = ("is missing from the checkpoint" if name not in state_dict else "is not in the model"
@@ -277,6 +268,9 @@ def load_teacher(args, num_classes, device):
     teacher = Classifier(encoder, num_classes) if args.stage == "classifier" else MetaBaseline(encoder)
     if args.teacher_ckpt and args.stage == "classifier":
         state = read_weights(args.teacher_ckpt)
+        if "head.weight" not in state:
+            raise ValueError(f"{args.teacher_ckpt} has no linear head; the classifier stage needs a classifier-stage "
+                             "teacher")
         load_weights(teacher, {k: v for k, v in state.items() if k.startswith(("encoder.", "head."))},
                      f"teacher {args.teacher_ckpt}")
     elif args.teacher_ckpt:
@@ -386,7 +380,7 @@ def random_resized_crop_flip(x, generator, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 
     flip = torch.where(u[:, 4] < 0.5, -1.0, 1.0)
     theta = torch.zeros(b, 2, 3)
     theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = w * flip, cx, h, cy
-    grid = F.affine_grid(theta.to(x.device, x.dtype), list(x.shape), align_corners=False)
+    grid = F.affine_grid(theta.to(x.device, x.dtype, non_blocking=True), list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
@@ -395,10 +389,11 @@ def classifier_batches(train, args, epoch, rank, world_size, device):
     images, labels, _ = train
     order = torch.randperm(len(labels), generator=seeded("shuffle", args.seed, epoch))
     order = order[: len(order) // world_size * world_size][rank::world_size]   # equal step counts on all ranks
+    order, labels = order.to(images.device), labels.to(images.device)   # one copy an epoch, no host sync every step
     augment = seeded("augment", args.seed, rank, epoch)                    # boxes drawn on the CPU: same on any device
     for start in range(0, len(order), args.batch_size):
         idx = order[start:start + args.batch_size]
-        x = random_resized_crop_flip(normalize(images[idx.to(images.device)]), augment)
+        x = random_resized_crop_flip(normalize(images[idx]), augment)
         yield x.to(device, non_blocking=True, memory_format=layout(device)), labels[idx].to(device), {}
 
 
@@ -412,7 +407,7 @@ def episode_batches(train, args, epoch, rank, device, steps):
     for _ in range(steps):
         idx = np.concatenate([sample_episode(rng, per_class, args.way, args.shot, args.query).reshape(-1)
                               for _ in range(args.episodes_per_batch)])
-        x = normalize(images[torch.from_numpy(idx).to(images.device)])
+        x = normalize(images[torch.from_numpy(idx).to(images.device, non_blocking=True)])   # H2D without a host sync
         yield x.to(device, non_blocking=True, memory_format=layout(device)), labels, shape
 
 
@@ -638,12 +633,13 @@ def main(args):
             start_epoch, best = ckpt["epoch"], ckpt["best"]
             if rank == 0:
                 trim_log(args.out, start_epoch)
+        select = f"{args.shot if args.shot in (1, 5) else 1}shot"   # val at the training shot, as Meta-Baseline
         for epoch in range(start_epoch, args.epochs):
             epoch_start = time.time()
             record = {"epoch": epoch,
                       **train_one_epoch(args, model, teacher, optimizer, train, epoch, rank, world_size, device),
-                      # validation episodes after every epoch; their 1-shot accuracy (top1) picks the best epoch
                       **evaluate(args, raw_model.encoder, val, args.val_episodes, rank, world_size, device)}
+            record["top1"] = record[select]   # the model-selection metric: picks the best epoch
             if args.stage == "meta":
                 record["scale"] = raw_model.scale.item()
             record["seconds"] = time.time() - epoch_start
@@ -689,7 +685,8 @@ def parse_args(argv=None):
                    help="bf16 autocast on CUDA (CPU runs float32)")
     g = p.add_argument_group("episodes")
     g.add_argument("--way", type=int, default=5, help="classes per episode")
-    g.add_argument("--shot", type=int, default=1, help="meta stage: support images per class in training episodes")
+    g.add_argument("--shot", type=int, default=1, help="meta stage: support images per class in training episodes; "
+                   "the best epoch is the one of the highest val accuracy at this shot (1 or 5; else 1)")
     g.add_argument("--query", type=int, default=15, help="query images per class")
     g.add_argument("--episodes-per-batch", type=int, default=4, help="meta stage: episodes per step per process")
     g.add_argument("--batches-per-epoch", type=int, default=200, help="meta stage: steps per epoch")
@@ -728,7 +725,7 @@ def parse_args(argv=None):
         p.error("--loss ce --gt-weight 0 leaves nothing to learn from; pass a --gt-weight above 0")
     if args.tau <= 0 or args.kd_T <= 0:
         p.error("--tau and --kd-T are temperatures; pass positive values")
-    if args.resume and not os.path.isfile(os.path.join(args.out or "", "checkpoint.pt")):
+    if args.resume and not (args.out and os.path.isfile(os.path.join(args.out, "checkpoint.pt"))):
         p.error("--resume continues from <out>/checkpoint.pt, which does not exist; pass the --out of the run")
     return args
 

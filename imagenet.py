@@ -39,7 +39,7 @@ from torchvision import transforms
 from common import (FeatureRegressor, ReviewKDFusion, adaptconf_beta, adaptconf_loss, augconf_alpha, augconf_loss,
                     beta_counts, beta_summary, dkd_loss, hcl_loss, hint_loss, kd_loss, rkd_loss, topk_correct)
 
-# ---- shared: DDP, seeding, logging, checkpoints -----------------------------------------------------------------
+# ---- shared: DDP, seeding, logging, checkpoints ------------------------------------------------------------------
 # Copied on purpose, identically, into every script (tests/test_copies.py keeps the copies equal): edit all together.
 
 def setup_distributed():
@@ -55,23 +55,21 @@ def setup_distributed():
 
 
 def cleanup_distributed():
-    """Leaves the process group; main calls it in `finally`. After success it first waits for every process (none
-    exits while another still writes); with an exception on its way out it leaves at once (torchrun stops the rest)."""
+    """In main's `finally`. After success, waits for every process (none exits while another still writes); with an
+    exception on its way out, leaves at once (torchrun then stops the others)."""
     if dist.is_initialized():
         if sys.exc_info()[0] is None:
             dist.barrier()
         dist.destroy_process_group()
 
 
-def all_reduce_sum(tensor):
-    """Sums `tensor` over all processes in place (no-op without DDP) and returns it."""
+def all_reduce_sum(tensor):   # in place over all processes; a no-op without DDP
     if dist.is_initialized():
         dist.all_reduce(tensor)
     return tensor
 
 
-def broadcast_buffers(model):
-    """Rank 0's BatchNorm statistics to every process before evaluating (DDP syncs them only in training forwards)."""
+def broadcast_buffers(model):   # rank 0's BatchNorm statistics to all, before evaluating (DDP syncs them in training)
     if dist.is_initialized():
         for buffer in model.buffers():
             dist.broadcast(buffer, src=0)
@@ -84,13 +82,10 @@ def seeded(*keys, device="cpu"):
     return torch.Generator(device).manual_seed(int.from_bytes(digest[:8], "little") >> 1)
 
 
-def check_finite(means, epoch):
-    """Stops on non-finite epoch means ({term: float}, averaged over processes, so all stop together); read once an
-    epoch, because a check per step would stall the GPU at every step."""
-    bad = [name for name, value in means.items() if not math.isfinite(value)]
-    if bad:
-        raise FloatingPointError(f"{', '.join(bad)} became non-finite in epoch {epoch}; lower --lr, or check the data "
-                                 "and the teacher checkpoint")
+def check_finite(means, epoch):   # epoch means, equal on all processes: all stop together, and no host sync per step
+    if not all(math.isfinite(v) for v in means.values()):
+        raise FloatingPointError(f"the loss became non-finite in epoch {epoch} ({means}); lower --lr, or check the "
+                                 "data and the teacher checkpoint")
 
 
 def log_record(out_dir, record):
@@ -102,22 +97,19 @@ def log_record(out_dir, record):
             f.write(json.dumps(record) + "\n")
 
 
-def trim_log(out_dir, start_epoch):
-    """On resume: keeps the log lines of epochs < start_epoch (later ones were written after the checkpoint)."""
+def trim_log(out_dir, start_epoch):   # on resume: drops the log lines written after the checkpoint
     path = os.path.join(out_dir, "log.jsonl")
-    lines = open(path).readlines() if os.path.exists(path) else []
-    write_text("".join(line for line in lines if line.strip() and json.loads(line)["epoch"] < start_epoch), path)
+    with open(path) if os.path.exists(path) else open(os.devnull) as f:
+        write_text("".join(line for line in f if line.strip() and json.loads(line)["epoch"] < start_epoch), path)
 
 
-def write_text(text, path):
-    """Writes to a temporary name, then renames: a killed run never leaves a half-written file."""
+def write_text(text, path):   # to a temporary name, then renamed: a killed run never leaves a half-written file
     with open(path + ".tmp", "w") as f:
         f.write(text)
     os.replace(path + ".tmp", path)
 
 
-def save_atomic(obj, path):
-    """torch.save to a temporary name, then rename, as write_text does."""
+def save_atomic(obj, path):   # torch.save to a temporary name, then renamed, as write_text
     torch.save(obj, path + ".tmp")
     os.replace(path + ".tmp", path)
 
@@ -135,8 +127,7 @@ def load_state_dict(path):
     return {k.removeprefix("module."): v for k, v in sd.items()}
 
 
-def load_weights(model, state_dict, what):
-    """Strict load that names the first missing, unexpected or mis-shaped tensor instead of listing hundreds."""
+def load_weights(model, state_dict, what):   # strict, naming the first wrong tensor instead of listing hundreds
     own = model.state_dict()
     for name in [*own, *state_dict]:
         problem = ("is missing from the checkpoint" if name not in state_dict else "is not in the model"
@@ -250,7 +241,11 @@ def load_teacher(args, num_classes):
         raise SystemExit(f"the teacher ({what}) predicts {classes} classes but the data has {num_classes}; use a "
                          "teacher trained on the same class folders")
     if args.teacher_weights:   # downloads (once) into the torch hub cache
-        state_dict = weights.get_state_dict(progress=False)
+        try:
+            state_dict = weights.get_state_dict(progress=False)
+        except Exception as err:   # offline, proxy, corrupt cache: one sentence, before any training
+            raise SystemExit(f"could not download {what} ({err}); run where the network is reachable or pass "
+                             "--teacher-ckpt") from err
     load_weights(teacher, state_dict, what)
     return teacher
 

@@ -38,7 +38,7 @@ from torch.nn.parallel import DistributedDataParallel
 from common import (adaptconf_beta, adaptconf_loss, augconf_alpha, augconf_loss, beta_counts, beta_summary, kd_loss,
                     rkd_loss, topk_correct)
 
-# ---- shared: DDP, seeding, logging, checkpoints -----------------------------------------------------------------
+# ---- shared: DDP, seeding, logging, checkpoints ------------------------------------------------------------------
 # Copied on purpose, identically, into every script (tests/test_copies.py keeps the copies equal): edit all together.
 
 def setup_distributed():
@@ -54,23 +54,21 @@ def setup_distributed():
 
 
 def cleanup_distributed():
-    """Leaves the process group; main calls it in `finally`. After success it first waits for every process (none
-    exits while another still writes); with an exception on its way out it leaves at once (torchrun stops the rest)."""
+    """In main's `finally`. After success, waits for every process (none exits while another still writes); with an
+    exception on its way out, leaves at once (torchrun then stops the others)."""
     if dist.is_initialized():
         if sys.exc_info()[0] is None:
             dist.barrier()
         dist.destroy_process_group()
 
 
-def all_reduce_sum(tensor):
-    """Sums `tensor` over all processes in place (no-op without DDP) and returns it."""
+def all_reduce_sum(tensor):   # in place over all processes; a no-op without DDP
     if dist.is_initialized():
         dist.all_reduce(tensor)
     return tensor
 
 
-def broadcast_buffers(model):
-    """Rank 0's BatchNorm statistics to every process before evaluating (DDP syncs them only in training forwards)."""
+def broadcast_buffers(model):   # rank 0's BatchNorm statistics to all, before evaluating (DDP syncs them in training)
     if dist.is_initialized():
         for buffer in model.buffers():
             dist.broadcast(buffer, src=0)
@@ -83,13 +81,10 @@ def seeded(*keys, device="cpu"):
     return torch.Generator(device).manual_seed(int.from_bytes(digest[:8], "little") >> 1)
 
 
-def check_finite(means, epoch):
-    """Stops on non-finite epoch means ({term: float}, averaged over processes, so all stop together); read once an
-    epoch, because a check per step would stall the GPU at every step."""
-    bad = [name for name, value in means.items() if not math.isfinite(value)]
-    if bad:
-        raise FloatingPointError(f"{', '.join(bad)} became non-finite in epoch {epoch}; lower --lr, or check the data "
-                                 "and the teacher checkpoint")
+def check_finite(means, epoch):   # epoch means, equal on all processes: all stop together, and no host sync per step
+    if not all(math.isfinite(v) for v in means.values()):
+        raise FloatingPointError(f"the loss became non-finite in epoch {epoch} ({means}); lower --lr, or check the "
+                                 "data and the teacher checkpoint")
 
 
 def log_record(out_dir, record):
@@ -101,22 +96,19 @@ def log_record(out_dir, record):
             f.write(json.dumps(record) + "\n")
 
 
-def trim_log(out_dir, start_epoch):
-    """On resume: keeps the log lines of epochs < start_epoch (later ones were written after the checkpoint)."""
+def trim_log(out_dir, start_epoch):   # on resume: drops the log lines written after the checkpoint
     path = os.path.join(out_dir, "log.jsonl")
-    lines = open(path).readlines() if os.path.exists(path) else []
-    write_text("".join(line for line in lines if line.strip() and json.loads(line)["epoch"] < start_epoch), path)
+    with open(path) if os.path.exists(path) else open(os.devnull) as f:
+        write_text("".join(line for line in f if line.strip() and json.loads(line)["epoch"] < start_epoch), path)
 
 
-def write_text(text, path):
-    """Writes to a temporary name, then renames: a killed run never leaves a half-written file."""
+def write_text(text, path):   # to a temporary name, then renamed: a killed run never leaves a half-written file
     with open(path + ".tmp", "w") as f:
         f.write(text)
     os.replace(path + ".tmp", path)
 
 
-def save_atomic(obj, path):
-    """torch.save to a temporary name, then rename, as write_text does."""
+def save_atomic(obj, path):   # torch.save to a temporary name, then renamed, as write_text
     torch.save(obj, path + ".tmp")
     os.replace(path + ".tmp", path)
 
@@ -134,8 +126,7 @@ def load_state_dict(path):
     return {k.removeprefix("module."): v for k, v in sd.items()}
 
 
-def load_weights(model, state_dict, what):
-    """Strict load that names the first missing, unexpected or mis-shaped tensor instead of listing hundreds."""
+def load_weights(model, state_dict, what):   # strict, naming the first wrong tensor instead of listing hundreds
     own = model.state_dict()
     for name in [*own, *state_dict]:
         problem = ("is missing from the checkpoint" if name not in state_dict else "is not in the model"
@@ -311,15 +302,15 @@ def load_noisy_labels(path, true_labels, num_classes):
 
 
 def augment(x, gen):
-    """Pad-4 random crop + horizontal flip of a uint8 batch (B, 3, H, W) on its device (random draws on CPU)."""
+    """Pad-4 random crop + horizontal flip of a uint8 batch (B, 3, H, W), drawn on its device (no host copy)."""
     b, _, h, w = x.shape
     padded = F.pad(x, (4, 4, 4, 4))
-    oy, ox = (torch.randint(0, 9, (b,), generator=gen).to(x.device) for _ in range(2))
+    oy, ox = (torch.randint(0, 9, (b,), generator=gen, device=x.device) for _ in range(2))
     rows = (oy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]            # (B, 1, H, 1)
     cols = (ox[:, None] + torch.arange(w, device=x.device))[:, None, None, :]            # (B, 1, 1, W)
     out = padded[torch.arange(b, device=x.device)[:, None, None, None],
                  torch.arange(3, device=x.device)[None, :, None, None], rows, cols]
-    flip = (torch.rand(b, generator=gen) < 0.5).to(x.device)[:, None, None, None]
+    flip = (torch.rand(b, generator=gen, device=x.device) < 0.5)[:, None, None, None]
     return torch.where(flip, out.flip(3), out)
 
 
@@ -327,7 +318,7 @@ def mixup(x, alpha, gen, np_rng):
     """Sel-CL's mix_data_lab: (λ·x + (1 − λ)·x[perm], perm, λ), λ ~ Beta(α, α) folded to ≥ 0.5 (1 if α = 0)."""
     lam = float(np_rng.beta(alpha, alpha)) if alpha > 0 else 1.0
     lam = max(lam, 1.0 - lam)
-    perm = torch.randperm(len(x), generator=gen).to(x.device)
+    perm = torch.randperm(len(x), generator=gen, device=x.device)
     return lam * x + (1.0 - lam) * x[perm], perm, lam
 
 
@@ -435,7 +426,7 @@ def selcl_contrastive_loss(embed, pairs, perms, lams, temperature):
 
     dominant = positives.repeat(2, 1)                                            # (2B, 2B)
     mixed_in = torch.cat([positives[perms[0]], positives[perms[1]]])             # positives of the mixed-in image
-    lam = torch.cat([torch.full((b,), lams[0]), torch.full((b,), lams[1])]).to(embed.device)
+    lam = torch.cat([torch.full((b,), lams[0], device=embed.device), torch.full((b,), lams[1], device=embed.device)])
     loss = -(lam * mean_log_prob(dominant) + (1 - lam) * mean_log_prob(mixed_in))
     return loss.view(2, b).mean(0)
 
@@ -515,7 +506,7 @@ def selcl_terms(args, model, data, selection, confident, index, gen, np_rng, use
         pair_mask(selection, data["noisy_y"], index)                    # (B, B) confident pairs
     use_confident = confident is not None and len(confident) > 0
     if use_confident:
-        pick = confident[torch.randint(0, len(confident), (b,), generator=gen).to(x.device)]
+        pick = confident[torch.randint(0, len(confident), (b,), generator=gen, device=x.device)]
         x_sel, y_sel = normalize(augment(data["train_x"][pick], gen)), data["noisy_y"][pick]
     alpha = 0.0 if selection is None else 1.0       # mixup Beta(1, 1) as in Sel-CL (alpha_m); none in the warm-up
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=use_amp):
@@ -541,7 +532,7 @@ def train_one_epoch(args, stage, model, raw_model, teacher, optimizer, data, sel
     model.train()
     start, device = time.time(), data["train_x"].device
     use_amp = args.amp and device.type == "cuda"
-    gen = seeded("augment", args.seed, rank, epoch)                                  # crops, flips, permutations
+    gen = seeded("augment", args.seed, rank, epoch, device=device)                   # crops, flips, permutations
     np_rng = np.random.default_rng(seeded("mixup", args.seed, rank, epoch).initial_seed())      # mixup's λ
     confident = None if selection is None else selection["selected"].nonzero().squeeze(1)     # (S,)
     pool = torch.arange(len(data["train_x"]), device=device) if stage == 1 else confident
@@ -643,12 +634,12 @@ def train_stage1(args, model, raw_model, data, selection, best, start, resumed, 
         selection = reselect(args, raw_model, data, rank, world_size)      # for the next epoch, or stage two
         evaluation = evaluate(args, raw_model, data, rank, world_size)
         stage1 = {"top1": evaluation["top1"], "top5": evaluation["top5"]} if epoch == args.epochs - 1 else None
+        if stage1 and rank == 0 and args.out:       # before checkpoint.pt: a resume from that skips stage one
+            save_atomic({"model": raw_model.state_dict(), "selected": selection["selected"].cpu(),
+                         "noisy_labels": data["noisy_y"].cpu().numpy(), "epoch": args.epochs, "args": vars(args),
+                         **stage1}, os.path.join(args.out, "stage1_model.pt"))
         best = end_epoch(args, 1, epoch, {**stats, **evaluation, "seconds": time.time() - t0}, raw_model, optimizer,
                          data, selection, best, stage1, rank)
-    if rank == 0 and args.out:
-        save_atomic({"model": raw_model.state_dict(), "selected": selection["selected"].cpu(),
-                     "noisy_labels": data["noisy_y"].cpu().numpy(), "epoch": args.epochs, "args": vars(args),
-                     **stage1}, os.path.join(args.out, "stage1_model.pt"))
     return selection, best, stage1
 
 

@@ -219,8 +219,9 @@ def test_torchrun_two_processes_count_every_test_image_once(tmp_path, teacher_ck
     assert single["top1"] == pytest.approx(results["top1"]) and single["top5"] == pytest.approx(results["top5"])
 
 
-def test_resume_reproduces_an_uninterrupted_run(tmp_path, teacher_ckpt):
-    args = [*TINY, "--train-subset", "48", "--epochs", "2", "--model", "resnet8", "--loss", "adaptconf",
+@pytest.mark.parametrize("loss", ["adaptconf", "fitnet"])   # fitnet: its trainable regressors are resumed too
+def test_resume_reproduces_an_uninterrupted_run(tmp_path, teacher_ckpt, loss):
+    args = [*TINY, "--train-subset", "48", "--epochs", "2", "--model", "resnet8", "--loss", loss,
             "--teacher", "resnet8", "--teacher-ckpt", teacher_ckpt, "--lr", "3.2"]
     full = run(*args, "--out", tmp_path / "full")
     run(*args, "--out", tmp_path / "cut", "--stop-after", "1")
@@ -229,10 +230,21 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path, teacher_ckpt):
     a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=False)
     b = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)
     assert a["epoch"] == b["epoch"] == 2
-    for key, tensor in a["model"].items():
-        assert torch.equal(tensor, b["model"][key]), key
+    for part in ("model", "heads") if loss == "fitnet" else ("model",):
+        for key, tensor in a[part].items():
+            assert torch.equal(tensor, b[part][key]), (part, key)
     assert resumed["top1"] == full["top1"]
     assert [r["loss"] for r in read_log(tmp_path / "cut")] == [r["loss"] for r in read_log(tmp_path / "full")]
+
+
+def test_lr_schedule_warms_up_per_step_then_cosine_and_scales_with_the_global_batch():
+    args = cifar.parse_args(["--epochs", "4", "--warmup-epochs", "1"])   # lr 0.2, min-lr 2e-3 at global batch 512
+    steps, peak, final = 10, 0.2 * 1024 / 512, 2e-3 * 1024 / 512             # global batch 1024: both doubled
+    lrs = [cifar.lr_at(args, step, steps, 1024) for step in range(4 * steps)]
+    assert lrs[:10] == pytest.approx([peak * (s + 1) / 10 for s in range(10)])   # linear warm-up, step 9 at peak
+    cosine = [final + 0.5 * (peak - final) * (1 + math.cos(math.pi * s / 30)) for s in range(30)]
+    assert lrs[10:] == pytest.approx(cosine)   # from the peak at step 10 down towards --min-lr
+    assert cifar.lr_at(args, 4 * steps, steps, 1024) == pytest.approx(final)
 
 
 def test_missing_or_malformed_data_dir(tmp_path):

@@ -200,6 +200,55 @@ def test_classifier_stage_then_meta_stage_then_evaluation(data_dir, teacher_ckpt
     assert res["top1"] == res["1shot"] and res["images"] == 40 * 5 * 3 and res["split"] == "test"
 
 
+@pytest.mark.parametrize("shot, best_epoch", [(1, 1), (5, 0)])
+def test_best_epoch_is_chosen_on_val_at_the_training_shot(data_dir, teacher_ckpt, tmp_path, monkeypatch, shot,
+                                                          best_epoch):
+    """As Meta-Baseline's train_meta.py: a 5-shot run keeps the epoch of the best 5-shot val accuracy (the tiny data
+    set is too easy to tell the shots apart, so evaluate returns set accuracies: val 1-shot rises, 5-shot falls)."""
+    val = iter([(50.0, 70.0), (60.0, 65.0)])
+
+    def evaluate(args, encoder, split, episodes, rank, world_size, device):
+        one, five = next(val) if episodes == args.val_episodes else (40.0, 45.0)
+        return {"top1": one, "1shot": one, "1shot_ci": 0.0, "5shot": five, "5shot_ci": 0.0, "images": 1}
+
+    monkeypatch.setattr(fewshot, "evaluate", evaluate)
+    res = run(data_dir, tmp_path, "--stage", "meta", "--model", "resnet12", "--init", teacher_ckpt, "--shot", shot,
+              "--epochs", "2", "--batches-per-epoch", "1", "--episodes-per-batch", "1")
+    log = read_log(tmp_path)
+    assert [r["top1"] for r in log] == [r[f"{shot}shot"] for r in log]
+    assert res["best_epoch"] == best_epoch and res["best_top1"] == log[best_epoch][f"{shot}shot"]
+    assert res["top1"] == res["1shot"] == 40.0                              # the test headline stays 1-shot
+
+
+def meta_checkpoint(path, scale=3.0):
+    """A meta-stage ResNet-12 (width 4) checkpoint with a learned scale other than 10."""
+    torch.manual_seed(5)
+    model = fewshot.MetaBaseline(fewshot.MODELS["resnet12"](4))
+    with torch.no_grad():
+        model.scale.fill_(scale)
+    torch.save({"model": model.state_dict()}, path)
+    return model
+
+
+def test_meta_stage_teacher_is_frozen_with_its_own_prototype_classifier_of_scale_10(tmp_path):
+    saved = meta_checkpoint(tmp_path / "meta.pt")
+    args = fewshot.parse_args(["--stage", "meta", "--init", "x.pt", "--model", "resnet12", "--width", "4", "--query",
+                               "3", "--episodes-per-batch", "2", "--loss", "kd", "--teacher", "resnet12",
+                               "--teacher-ckpt", str(tmp_path / "meta.pt")])
+    teacher = fewshot.load_teacher(args, 5, torch.device("cpu"))
+    assert teacher.scale.item() == 10.0 and not teacher.training and not any(p.requires_grad
+                                                                             for p in teacher.parameters())
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    assert all(torch.equal(before[k], v) for k, v in saved.state_dict().items() if k != "scale")
+    labels = torch.arange(5).repeat_interleave(8)
+    train = (torch.randint(0, 256, (40, 3, 16, 16), dtype=torch.uint8), labels, fewshot.images_by_class(labels))
+    torch.manual_seed(0)
+    student = fewshot.MetaBaseline(fewshot.MODELS["resnet12"](4))
+    optimizer = torch.optim.SGD(student.parameters(), lr=0.1)
+    fewshot.train_one_epoch(args, student, teacher, optimizer, train, 0, 0, 1, torch.device("cpu"), max_steps=2)
+    assert not teacher.training and all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
+
+
 @pytest.mark.parametrize("loss", ["kd", "rkd", "augconf"])
 def test_other_losses_train(data_dir, teacher_ckpt, tmp_path, loss):
     run(data_dir, tmp_path, "--stage", "classifier", "--model", "resnet12", "--loss", loss, "--teacher",
@@ -311,7 +360,7 @@ def test_too_few_images_per_class(tmp_path):
         run(root, tmp_path / "o", "--epochs", "1", "--model", "resnet12", "--way", "6")
 
 
-def test_bad_arguments_stop_in_parse_args(capsys, tmp_path):
+def test_bad_arguments_stop_in_parse_args(capsys, tmp_path, monkeypatch):
     assert "pass --teacher and --teacher-ckpt" in parse_error(capsys, "--loss", "kd")
     assert "pass --teacher and --teacher-ckpt" in parse_error(capsys, "--loss", "kd", "--teacher", "resnet12")
     assert "pass --init" in parse_error(capsys, "--stage", "meta")
@@ -320,6 +369,9 @@ def test_bad_arguments_stop_in_parse_args(capsys, tmp_path):
     assert "temperatures" in parse_error(capsys, "--loss", "adaptconf", "--teacher", "resnet12", "--teacher-ckpt",
                                          "t.pt", "--tau", "0")
     assert "does not exist" in parse_error(capsys, "--resume", "--out", tmp_path)
+    assert "does not exist" in parse_error(capsys, "--resume")
+    monkeypatch.chdir(tmp_path)                                            # not even with ./checkpoint.pt there
+    (tmp_path / "checkpoint.pt").write_bytes(b"")
     assert "does not exist" in parse_error(capsys, "--resume")
 
 
@@ -331,6 +383,10 @@ def test_bad_teachers_and_missing_init(data_dir, teacher_ckpt, tmp_path):
     other = write_pickles(tmp_path / "other", classes=(6, 5, 5))
     with pytest.raises(ValueError, match=r"'head.weight' has shape \(8, 32\) in the checkpoint but \(6, 32\)"):
         run(other, tmp_path / "o", *base, "--loss", "kd", "--teacher", "resnet12", "--teacher-ckpt", teacher_ckpt)
+    meta_checkpoint(tmp_path / "meta.pt")
+    with pytest.raises(ValueError, match="no linear head; the classifier stage needs a classifier-stage teacher"):
+        run(data_dir, tmp_path / "o", *base, "--loss", "kd", "--teacher", "resnet12", "--teacher-ckpt",
+            tmp_path / "meta.pt")
     (tmp_path / "junk.pt").write_text("not a checkpoint")
     with pytest.raises(ValueError, match="not a PyTorch checkpoint"):
         run(data_dir, tmp_path / "o", *base, "--loss", "kd", "--teacher", "resnet12", "--teacher-ckpt",

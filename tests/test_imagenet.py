@@ -276,3 +276,15 @@ def test_bad_inputs_stop_with_a_sentence(data_dir, teacher_ckpt, tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         imagenet.main(imagenet.parse_args(["--data-dir", data_dir, "--teacher", "resnet18", "--teacher-ckpt",
                                            str(tmp_path / "missing.pt"), "--loss", "kd", *TINY]))
+
+
+def test_a_failed_weights_download_stops_with_a_sentence(monkeypatch):
+    """Offline or behind a proxy, --teacher-weights says what failed and what to do, instead of a urllib traceback."""
+    def offline(self, *args, **kwargs):
+        raise OSError("<urlopen error [Errno -3] Temporary failure in name resolution>")
+
+    monkeypatch.setattr(type(imagenet.torchvision.models.ResNet18_Weights.IMAGENET1K_V1), "get_state_dict", offline)
+    # --benchmark: ImageNet's 1000 classes without a data tree, so the class check passes and the download starts
+    with pytest.raises(SystemExit, match="could not download torchvision's resnet18 IMAGENET1K_V1"):
+        imagenet.main(imagenet.parse_args(["--model", "resnet18", "--teacher", "resnet18", "--teacher-weights",
+                                           "IMAGENET1K_V1", "--loss", "kd", "--benchmark", "1", *TINY]))

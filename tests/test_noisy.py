@@ -289,3 +289,29 @@ def test_cifar10_pickles_and_asymmetric_noise_end_to_end(tmp_path):
     assert off_diagonal and off_diagonal <= {(9, 1), (2, 0), (4, 7), (3, 5), (5, 3)}
     record = read_log(out)[0]
     assert record["selected"] > 0 and 0 <= record["top1"] <= record["top5"] <= 100
+
+
+def test_training_steps_make_no_host_round_trip(monkeypatch):
+    """No step copies a host-drawn tensor to the device or reads one back (on CUDA each such copy waits for the GPU):
+    2 timed steps of each stage make as many .to/.cpu/.item/.tolist/bool calls as 1 does."""
+    calls = []
+    for name in ("to", "cpu", "item", "tolist", "__bool__"):
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _f=original, _n=name, **k: calls.append(_n) or
+                            _f(self, *a, **k))
+    counts = []
+    for steps in ("1", "2"):
+        calls.clear()
+        noisy.main(noisy.parse_args(TINY + ["--benchmark", steps, "--batch-size", "8", "--loss", "adaptconf"]))
+        counts.append(sorted(calls))
+    assert counts[0] == counts[1]
+
+
+def test_stage_one_model_is_written_before_the_checkpoint_that_skips_it(tmp_path, monkeypatch):
+    """A run killed between the two writes resumes in stage two: stage1_model.pt (the students' teacher) must exist."""
+    written = []
+    save = noisy.save_atomic
+    monkeypatch.setattr(noisy, "save_atomic", lambda obj, path: written.append(os.path.basename(path)) or
+                        save(obj, path))
+    run(tmp_path, "--epochs", "1", "--finetune-epochs", "0")
+    assert written == ["stage1_model.pt", "checkpoint.pt"]

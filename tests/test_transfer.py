@@ -300,6 +300,26 @@ def test_every_loss_trains_with_finite_terms_and_gradients(loss, gt_weight):
         assert sum(stats["train_beta_hist"]) == pytest.approx(1.0)
 
 
+def test_recipe_constants_are_maes_fine_tuning(monkeypatch):
+    """The flags that never varied are constants now: RandAugment 2 ops m9 of 11 bins, random erasing 0.25 with
+    per-pixel noise, mixup 0.8 or cutmix 1.0 (one per batch), evaluation resize 256 / centre crop 224."""
+    train, val = transfer.build_transforms(transfer.parse_args(["--loss", "ce"]))
+    kinds = [type(t).__name__ for t in train.transforms]
+    assert kinds == ["RandomResizedCrop", "RandomHorizontalFlip", "RandAugment", "ToTensor", "Normalize",
+                     "RandomErasing"]
+    crop, _, randaug, _, _, erasing = train.transforms
+    assert crop.scale == (0.08, 1.0) and crop.interpolation == torchvision.transforms.InterpolationMode.BICUBIC
+    assert (randaug.num_ops, randaug.magnitude, randaug.num_magnitude_bins) == (2, 9, 11)
+    assert (erasing.p, erasing.value) == (0.25, "random")
+    assert [type(t).__name__ for t in val.transforms] == ["Resize", "CenterCrop", "ToTensor", "Normalize"]
+    assert val.transforms[0].size == 256 and val.transforms[1].size == (224, 224)
+    chosen, choice = [], transfer.v2.RandomChoice
+    monkeypatch.setattr(transfer.v2, "RandomChoice", lambda ts, **kw: chosen.append(ts) or choice(ts, **kw))
+    args, student, teacher, regressor = step_setup("ce")
+    train_steps(args, student, teacher, regressor, torch.randn(6, 3, 32, 32), torch.tensor([0, 1, 2] * 2))
+    assert [(type(t).__name__, t.alpha) for t in chosen[0]] == [("MixUp", 0.8), ("CutMix", 1.0)]
+
+
 def test_loss_terms_choose_the_loss_without_running_a_model():
     args = transfer.parse_args(["--loss", "dkd", "--teacher-ckpt", "unused.pth", "--dkd-T", "2"])
     torch.manual_seed(0)
@@ -338,9 +358,16 @@ def test_end_to_end_distillation_logs_checkpoints_and_eval_only(files, tmp_path)
     ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
     assert ckpt["epoch"] == 1 and {"model", "optimizer", "args", "best"} <= set(ckpt)
     assert "head.weight" in ckpt["model"] and "cls_token" in ckpt["model"]
+    groups = ckpt["optimizer"]["param_groups"]   # MAE's layer decay 0.65 and weight decay 0.05 reach the optimizer
+    assert sorted({g["lr_scale"] for g in groups}) == pytest.approx(sorted(0.65 ** k for k in range(TINY["depth"] + 2)))
+    assert {g["weight_decay"] for g in groups} == {0.0, 0.05}
     evaluated = transfer.main(transfer.parse_args(cli(files, tmp_path / "eval", "--eval-only",
                                                       str(out / "checkpoint.pt"))))
     assert evaluated["top1"] == results["top1"] and evaluated["images"] == 9
+    # --eval-only trains nothing: a batch larger than the training set (18 images) is no error
+    big = transfer.main(transfer.parse_args(cli(files, tmp_path / "eval64", "--eval-only", str(out / "checkpoint.pt"),
+                                                "--batch-size", "64")))
+    assert big["images"] == 9
 
 
 def test_resume_reproduces_an_uninterrupted_run_exactly(files, tmp_path):
@@ -357,6 +384,8 @@ def test_resume_reproduces_an_uninterrupted_run_exactly(files, tmp_path):
         assert torch.equal(a["model"][name], b["model"][name]), name
     for name in a["regressor"]:
         assert torch.equal(a["regressor"][name], b["regressor"][name]), name
+    regressor_params = [k for k in a["regressor"] if not k.startswith("bn.running") and "num_batches" not in k]
+    assert len(a["optimizer"]["state"]) == len(a["model"]) + len(regressor_params) == len(b["optimizer"]["state"])
     strip = lambda rs: [{k: v for k, v in r.items() if k not in ("seconds", "images_per_s")} for r in rs]  # noqa
     assert strip(read_log(whole)) == strip(read_log(split))
     with open(whole / "results.json") as f, open(split / "results.json") as g:
@@ -365,15 +394,15 @@ def test_resume_reproduces_an_uninterrupted_run_exactly(files, tmp_path):
 
 def test_torchrun_two_processes_count_every_validation_image_once(files, tmp_path):
     out = tmp_path / "ddp"
-    proc = run_torchrun("transfer.py", cli(files, out, "--loss", "kd", "--gt-weight", "0", "--epochs", "1",
-                                           "--batch-size", "3"))
+    proc = run_torchrun("transfer.py", cli(files, out, "--loss", "fitnet", "--gt-weight", "0", "--epochs", "1",
+                                           "--batch-size", "3"))   # fitnet: the regressor is DDP-wrapped too
     assert "global batch 6 (2 x 3)" in proc.stdout
     with open(out / "results.json") as f:
         results = json.load(f)
     assert results["images"] == 9 and results["world_size"] == 2   # 5 + 4 on the two processes, no padding
     assert round(results["top1"] * 9 / 100, 6) == round(results["top1"] * 9 / 100)
     (record,) = read_log(out)
-    assert "loss_gt" not in record and record["loss_kd"] > 0
+    assert "loss_gt" not in record and record["loss_kd"] > 0 and record["loss_fitnet"] > 0
 
 
 def test_benchmark_runs_the_training_loop_on_synthetic_images_without_data(tmp_path, capsys):
