@@ -874,7 +874,8 @@ def parse_args(argv=None):
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=240, help="length of the schedule")
     g.add_argument("--batch-size", type=int, default=64, help="images per process per step (8 x 64 = paper's 512)")
-    g.add_argument("--lr", type=float, default=0.2, help="peak lr of SGD (Nesterov 0.9) at a global batch of 512; scaled linearly")
+    g.add_argument("--lr", type=float, default=0.2,
+                   help="peak lr of SGD (Nesterov 0.9) at global batch 512; scaled linearly")
     g.add_argument("--min-lr", type=float, default=2e-3, help="final cosine lr for a global batch of 512; scaled too")
     g.add_argument("--warmup-epochs", type=int, default=10, help="linear lr warm-up epochs")
     g.add_argument("--weight-decay", type=float, default=5e-4, help="weight decay (not on biases and BN)")

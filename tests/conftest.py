@@ -34,7 +34,8 @@ def _free_port():
 def run_torchrun(script, args, nproc=2, timeout=600):
     """Runs `torchrun --nproc_per_node=nproc script args` on CPU (gloo) and returns the CompletedProcess;
     fails the test with the processes' output when the run fails."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1")
+    # PYTHONFAULTHANDLER: a process killed by a signal prints every thread's Python stack into the failure report
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1", PYTHONFAULTHANDLER="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
            f"--master_port={_free_port()}", os.path.join(ROOT, script), *map(str, args)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)

@@ -10,7 +10,8 @@ from conftest import ROOT
 SCRIPTS = ["cifar.py", "imagenet.py", "transfer.py", "fewshot.py", "noisy.py"]
 BLOCK = re.compile(r"^# ---- shared: DDP.*?^# ---- end shared -+$", re.S | re.M)
 # the skeleton every script follows, in this order, with these signatures (None: any arguments)
-SKELETON = {"load_data": "args, rank, world_size, device", "loss_terms": "args, epoch, student_out, teacher_out, labels",
+SKELETON = {"load_data": "args, rank, world_size, device",
+            "loss_terms": "args, epoch, student_out, teacher_out, labels",
             "lr_at": None, "train_one_epoch": None, "evaluate": None, "main": "args", "parse_args": "argv=None"}
 
 
@@ -30,8 +31,9 @@ def test_shared_blocks_are_identical():
         if block != first:
             a, b = first.splitlines(), block.splitlines()
             line = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+            ours, theirs = (b[line] if line < len(b) else "<end>"), (a[line] if line < len(a) else "<end>")
             raise AssertionError(f"the shared block of {name} differs from {first_name} at its line {line + 1}: "
-                                 f"{b[line] if line < len(b) else '<end>'!r} vs {a[line] if line < len(a) else '<end>'!r}")
+                                 f"{ours!r} vs {theirs!r}")
 
 
 @pytest.mark.parametrize("name", SCRIPTS)

@@ -146,7 +146,7 @@ def test_checkpoints_that_are_not_this_mae_vit_are_refused(tmp_path):
 
 
 def test_vit_b16_matches_torchvision_tensor_for_tensor():
-    """ViT-B/16: 86,567,656 parameters, 152 tensors mapping one to one onto torchvision's vit_b_16 (REFERENCE §2)."""
+    """ViT-B/16: 86,567,656 parameters, 152 tensors mapping one to one onto torchvision's vit_b_16."""
     with torch.device("meta"):   # shapes only: no memory, no initialisation time
         ours = transfer.build_student(transfer.parse_args(["--loss", "ce"]), 1000).state_dict()
         theirs = torchvision.models.vit_b_16().state_dict()
