@@ -138,7 +138,7 @@ def dkd_terms(student_logits, teacher_logits, targets, T=4.0):
 
     def binary_log_probs(logits):   # (B, 2): log p_target, log(1 − p_target), stable for p_target → 1
         log_p = F.log_softmax(logits / T, dim=1)
-        log_target = log_p.masked_select(target_mask)
+        log_target = log_p.gather(1, targets[:, None]).squeeze(1)   # gather, not masked_select: no host sync
         log_rest = torch.logsumexp(log_p.masked_fill(target_mask, float("-inf")), dim=1)
         return torch.stack([log_target, log_rest], dim=1)
 
@@ -168,7 +168,8 @@ def _normalized_distances(embed):
     off_diagonal = ~torch.eye(len(embed), dtype=torch.bool, device=embed.device)
     # clamp keeps sqrt differentiable on the diagonal, which is then zeroed
     dist = diff.pow(2).sum(dim=2).clamp_min(1e-12).sqrt() * off_diagonal
-    return dist / dist[off_diagonal].mean().clamp_min(1e-12)
+    # mean over the B·(B − 1) distinct pairs; the diagonal is zero (a sum, not boolean indexing: no host sync)
+    return dist / (dist.sum() / (len(embed) * (len(embed) - 1))).clamp_min(1e-12)
 
 
 def _triplet_cosines(embed):

@@ -1,4 +1,7 @@
-"""Shared test fixtures: where the real data is, and how to launch a script under a real two-process torchrun."""
+"""Shared test fixtures: where the real data is, how to launch a script under a real two-process torchrun, how to
+count host syncs, and the CPU pin of every test outside tests/test_gpu.py."""
+import collections
+import contextlib
 import os
 import socket
 import subprocess
@@ -14,6 +17,69 @@ SHARED_DATA = os.environ.get("W2S_SHARED_DATA", os.path.join(ROOT, "..", "shared
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(autouse=True)
+def cpu_only(request, monkeypatch):
+    """Every test outside tests/test_gpu.py runs on the CPU, also on a machine with a GPU: the tests compare runs with
+    each other (torchrun on gloo against one process, a resumed run against an uninterrupted one), and a CUDA run
+    would differ from a CPU one in its last bits. The scripts pick CUDA when torch.cuda.is_available()."""
+    if not request.node.path.name == "test_gpu.py":
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
+HOST_SYNCS = ["item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "nonzero", "masked_select"]
+
+
+@contextlib.contextmanager
+def count_host_syncs():
+    """Counts, in a Counter, the tensor operations that make the host wait for the GPU on CUDA: reading values back
+    (.item, .tolist, .cpu, .numpy, bool/int/float of a tensor) and data-dependent shapes (nonzero, masked_select,
+    indexing with a boolean mask). On the CPU nothing waits, so torch.cuda.set_sync_debug_mode reports nothing there;
+    counting the calls stands in for it (tests/test_gpu.py uses the real mode on a GPU). Host-to-device copies are
+    not seen here: on the CPU they are no copies at all."""
+    counts = collections.Counter()
+    originals = {name: getattr(torch.Tensor, name) for name in HOST_SYNCS}
+    getitem, masked_select = torch.Tensor.__getitem__, torch.masked_select
+
+    def counted(name):
+        def call(self, *args, **kwargs):
+            counts[name] += 1
+            return originals[name](self, *args, **kwargs)
+        return call
+
+    def boolean_index(index):
+        parts = index if isinstance(index, tuple) else (index,)
+        return any(isinstance(p, torch.Tensor) and p.dtype == torch.bool for p in parts)
+
+    def indexed(self, index):
+        if boolean_index(index):
+            counts["boolean-mask indexing"] += 1
+        return getitem(self, index)
+
+    try:
+        for name in HOST_SYNCS:
+            setattr(torch.Tensor, name, counted(name))
+        torch.Tensor.__getitem__ = indexed
+        torch.masked_select = lambda *a, **k: counts.update(["masked_select"]) or masked_select(*a, **k)
+        yield counts
+    finally:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, original)
+        torch.Tensor.__getitem__, torch.masked_select = getitem, masked_select
+
+
+def syncs_per_step(run, few=1, more=3):
+    """Host syncs that grow with the number of training steps: run(steps) twice, with `few` and `more` steps (e.g. the
+    script's --benchmark STEPS, the ordinary training loop), and the difference of the counts per extra step. Syncs
+    at the start and end of an epoch (logging) are the same in both runs and cancel."""
+    with count_host_syncs() as a:
+        run(few)
+    first = dict(a)
+    with count_host_syncs() as b:
+        run(more)
+    return {name: (b[name] - first.get(name, 0)) / (more - few) for name in set(b) | set(first)
+            if b[name] != first.get(name, 0)}
 
 
 @pytest.fixture

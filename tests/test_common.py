@@ -437,3 +437,14 @@ def test_beta_counts_and_summary_match_a_loop():
     assert summary["train_beta_frac_half"] == pytest.approx(sum(v == 0.5 for v in values) / len(values))
     assert summary["train_beta_hist"] == pytest.approx([h / len(values) for h in hist])
     assert set(summary) == {"train_beta_mean", "train_beta_frac_half", "train_beta_hist"}
+
+
+def test_dkd_and_rkd_need_no_host_sync():
+    """DKD and RKD run inside every training step: no data-dependent shapes (masked_select, boolean indexing), which
+    on CUDA make the host wait for the GPU (conftest.count_host_syncs)."""
+    from conftest import count_host_syncs
+    s, t, y = torch.randn(8, 10, requires_grad=True), torch.randn(8, 10), torch.randint(0, 10, (8,))
+    with count_host_syncs() as counts:
+        loss = common.dkd_loss(s, t, y) + common.rkd_loss(torch.randn(8, 5, requires_grad=True), torch.randn(8, 7))
+        loss.backward()
+    assert not counts, counts
