@@ -149,8 +149,9 @@ def conv(cin, cout, k=3, stride=1, groups=1, bias=False):
     return nn.Conv2d(cin, cout, k, stride, padding=k // 2, groups=groups, bias=bias)
 
 
-def channel_shuffle(x, groups):   # (B, g·c, H, W) -> (B, c·g, H, W)
-    return x.unflatten(1, (groups, -1)).transpose(1, 2).flatten(1, 2)
+def channel_shuffle(x, groups):   # (B, g·c, H, W) -> (B, c·g, H, W), one copy into x's memory format (a reshape
+    out = torch.empty_like(x)     # would return NCHW: channels_last nets would switch layouts at every block on CUDA)
+    return out.unflatten(1, (-1, groups)).copy_(x.unflatten(1, (groups, -1)).transpose(1, 2)).flatten(1, 2)
 
 
 class CifarNet(nn.Module):
@@ -171,8 +172,9 @@ class CifarNet(nn.Module):
         for stage in self.stages():
             x = stage(x)
             maps.append(x)
-        embed = F.adaptive_avg_pool2d(self.pre_pool(x), 1).flatten(1)   # (B, D); = the published fixed-size pools at 32
-        logits = getattr(self, self.head)(embed)
+        embed = F.adaptive_avg_pool2d(self.pre_pool(x).float(), 1).flatten(1)   # (B, D); = the published pools at 32
+        with torch.autocast(embed.device.type, enabled=False):   # float32 logits even under bf16 autocast (cheap):
+            logits = getattr(self, self.head)(embed)              # they set β (Eq. 2), where a bf16 tie is agreement
         return (logits, maps + [embed]) if features else logits
 
     def init_like_repdistiller(self, linear="default"):
@@ -712,12 +714,13 @@ def evaluate(args, raw_model, test_x, test_y, normalize, rank, world_size, teach
     raw_model.eval()
     counts = torch.zeros(3, device=test_x.device)   # top-1 correct, top-5 correct, images
     betas = torch.zeros(13, device=test_x.device)    # common.beta_counts
-    for idx in torch.arange(rank, len(test_x), world_size, device=test_x.device).split(1000):
-        x = normalize(test_x[idx].float())
-        logits = raw_model(x).float()
-        counts += torch.cat([topk_correct(logits, test_y[idx], (1, 5)), counts.new_full((1,), float(len(idx)))])
-        if teacher is not None:
-            betas += beta_counts(adaptconf_beta(logits, teacher(x).float(), tau=args.tau))
+    with torch.backends.cudnn.flags(enabled=True, benchmark=True, allow_tf32=False):   # TF32 off: GPU agrees with CPU
+        for idx in torch.arange(rank, len(test_x), world_size, device=test_x.device).split(1000):
+            x = normalize(test_x[idx].float())
+            logits = raw_model(x).float()
+            counts += torch.cat([topk_correct(logits, test_y[idx], (1, 5)), counts.new_full((1,), float(len(idx)))])
+            if teacher is not None:
+                betas += beta_counts(adaptconf_beta(logits, teacher(x).float(), tau=args.tau))
     raw_model.train(was_training)
     top1, top5, n = all_reduce_sum(counts).tolist()
     result = {"top1": 100.0 * top1 / max(n, 1), "top5": 100.0 * top5 / max(n, 1), "images": int(n)}

@@ -16,7 +16,7 @@ ResNet-12 teacher 65.38. Where the official code (ggjy/vision_weak_to_strong, fe
   - AdaptConf's β and AugConf's α ramp up as min(epoch / (0.25·epochs), 1), epochs 0-indexed (official: 1-indexed).
   - The meta-stage teacher is its encoder + a prototype classifier of scale 10 (the official code loads the encoder).
   - RKD acts on the pooled features of every image of a step (the batch, or all images of the episodes).
-  - Evaluation embeds each image once (eval mode), then scores the episodes on those features: same accuracies.
+  - Evaluation embeds each image once (eval mode, float32), then scores the episodes on those features: same accuracies.
   - Images are resized to 80x80 as in Meta-Baseline (the paper says 84: --image-size 84).
 """
 import argparse
@@ -184,7 +184,7 @@ class ResNet(nn.Module):
 
     def forward(self, x):
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return x.flatten(2).mean(dim=2)                                    # (B, 8w)
+        return x.flatten(2).float().mean(dim=2)                            # (B, 8w), float32 also under bf16
 
 
 # parameter counts at width 64: 7,996,800 / 10,210,944 / 23,159,040 (tests/test_fewshot.py checks them)
@@ -213,7 +213,8 @@ class Classifier(nn.Module):
 
     def forward(self, images):
         features = self.encoder(images)
-        return self.head(features), features
+        with torch.autocast(images.device.type, enabled=False):   # float32 logits: they feed β (Eq. 2), no bf16 ties
+            return self.head(features.float()), features
 
 
 class MetaBaseline(nn.Module):
@@ -371,16 +372,16 @@ def random_resized_crop_flip(x, generator, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 
     """Batched RandomResizedCrop (to the input size) + horizontal flip on (B, 3, S, S) float images: one random box
     per image, resampled bilinearly with affine_grid/grid_sample. Boxes that would leave the image are clipped."""
     b = len(x)
-    u = torch.rand(b, 5, generator=generator)                              # drawn on the CPU: same on any device
+    u = torch.rand(b, 5, generator=generator, device=x.device)             # drawn where the images are: no copy
     area = scale[0] + (scale[1] - scale[0]) * u[:, 0]
     log_ratio = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[:, 1]
     w = (area * log_ratio.exp()).sqrt().clamp(max=1.0)                     # box width / image width
     h = (area / log_ratio.exp()).sqrt().clamp(max=1.0)
     cx, cy = (2 * u[:, 2] - 1) * (1 - w), (2 * u[:, 3] - 1) * (1 - h)      # box centre in [-1, 1] coordinates
     flip = torch.where(u[:, 4] < 0.5, -1.0, 1.0)
-    theta = torch.zeros(b, 2, 3)
+    theta = torch.zeros(b, 2, 3, device=x.device, dtype=x.dtype)
     theta[:, 0, 0], theta[:, 0, 2], theta[:, 1, 1], theta[:, 1, 2] = w * flip, cx, h, cy
-    grid = F.affine_grid(theta.to(x.device, x.dtype, non_blocking=True), list(x.shape), align_corners=False)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 
@@ -390,7 +391,7 @@ def classifier_batches(train, args, epoch, rank, world_size, device):
     order = torch.randperm(len(labels), generator=seeded("shuffle", args.seed, epoch))
     order = order[: len(order) // world_size * world_size][rank::world_size]   # equal step counts on all ranks
     order, labels = order.to(images.device), labels.to(images.device)   # one copy an epoch, no host sync every step
-    augment = seeded("augment", args.seed, rank, epoch)                    # boxes drawn on the CPU: same on any device
+    augment = seeded("augment", args.seed, rank, epoch, device=images.device)   # boxes drawn beside the images
     for start in range(0, len(order), args.batch_size):
         idx = order[start:start + args.batch_size]
         x = random_resized_crop_flip(normalize(images[idx]), augment)
@@ -407,7 +408,9 @@ def episode_batches(train, args, epoch, rank, device, steps):
     for _ in range(steps):
         idx = np.concatenate([sample_episode(rng, per_class, args.way, args.shot, args.query).reshape(-1)
                               for _ in range(args.episodes_per_batch)])
-        x = normalize(images[torch.from_numpy(idx).to(images.device, non_blocking=True)])   # H2D without a host sync
+        idx = torch.from_numpy(idx)
+        idx = idx.pin_memory() if images.device.type == "cuda" else idx    # pinned: the copy does not wait for the GPU
+        x = normalize(images[idx.to(images.device, non_blocking=True)])
         yield x.to(device, non_blocking=True, memory_format=layout(device)), labels, shape
 
 
@@ -550,10 +553,10 @@ def evaluate(args, encoder, split, episodes, rank, world_size, device):
     encoder.eval()                 # so an image's feature does not depend on its episode: embed each image once
     images = split[0]
     features = torch.zeros(len(images), encoder.out_dim, device=device)   # (N, D), rows filled by their rank
-    for idx in torch.arange(rank, len(images), world_size).split(256):
-        x = normalize(images[idx.to(images.device)]).to(device, non_blocking=True, memory_format=layout(device))
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.amp and device.type == "cuda"):
-            features[idx.to(device)] = encoder(x).float()
+    with torch.backends.cudnn.flags(enabled=True, benchmark=True, allow_tf32=False):   # float32, no TF32: as on CPU
+        for idx in torch.arange(rank, len(images), world_size).split(256):
+            x = normalize(images[idx.to(images.device)].to(device))        # uint8 to the device, normalised there
+            features[idx.to(device)] = encoder(x.to(memory_format=layout(device)))   # no bf16 autocast
     all_reduce_sum(features)
     result = {}
     for shot in (1, 5):
@@ -581,11 +584,12 @@ def main(args):
     rank, world_size, device = setup_distributed()
     try:
         start_time = time.time()
+        torch.backends.cudnn.benchmark = True                 # fixed image sizes: cuDNN picks its fastest kernels once
         if args.out and rank == 0:
             os.makedirs(args.out, exist_ok=True)
         train, val, test = load_data(args, rank, world_size, device)
         if args.eval_only:   # the encoder of a checkpoint of either stage (ours, Meta-Baseline's, the official code's)
-            encoder = MODELS[args.model](args.width).to(device)
+            encoder = MODELS[args.model](args.width).to(device, memory_format=layout(device))
             load_weights(encoder, encoder_weights(read_weights(args.eval_only), args.eval_only), "--eval-only")
             results = evaluate(args, encoder, test, args.test_episodes, rank, world_size, device)
             return save_results(args, {**results, "checkpoint": args.eval_only}, rank, world_size, start_time)
@@ -682,7 +686,7 @@ def parse_args(argv=None):
     g.add_argument("--weight-decay", type=float, default=5e-4, help="SGD weight decay")
     g.add_argument("--seed", type=int, default=0, help="seed of initialisation, shuffling, augmentation, episodes")
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
-                   help="bf16 autocast on CUDA (CPU runs float32)")
+                   help="bf16 autocast in training on CUDA (evaluation and CPU: float32)")
     g = p.add_argument_group("episodes")
     g.add_argument("--way", type=int, default=5, help="classes per episode")
     g.add_argument("--shot", type=int, default=1, help="meta stage: support images per class in training episodes; "

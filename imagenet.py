@@ -188,7 +188,9 @@ def forward_features(model, x):
         x = stage(x)
         feats.append(x)
     pooled = pool(x).flatten(1)
-    return model.fc(pooled), feats, pooled
+    with torch.autocast(x.device.type, enabled=False):   # float32 logits: β (Eq. 2) reads their top class, and bf16
+        logits = model.fc(pooled.float())                 # ties in it would inflate the β = 0.5 fraction
+    return logits, feats, pooled
 
 
 class StudentWithHead(nn.Module):
@@ -393,12 +395,15 @@ def evaluate(args, model, loader, device):
     counts are summed."""
     model.eval()
     counts = torch.zeros(4, device=device, dtype=torch.float64)   # top-1 hits, top-5 hits, Σ CE, images
-    for images, labels in loader:
-        images, labels = to_device(images, labels, device)
-        logits = model(images).float()   # float32, no autocast: bf16 logits tie or swap the top class for ~1% of images
-        counts[:2] += topk_correct(logits, labels, topk=(1, 5)).double()
-        counts[2] += F.cross_entropy(logits, labels, reduction="sum").double()
-        counts[3] += len(labels)
+    # float32 throughout, no autocast and no TF32 convolutions: GPU and CPU evaluations agree (bf16 logits tie or
+    # swap the top class for ~1% of images)
+    with torch.backends.cudnn.flags(enabled=True, benchmark=True, allow_tf32=False):
+        for images, labels in loader:
+            images, labels = to_device(images, labels, device)
+            logits = model(images).float()
+            counts[:2] += topk_correct(logits, labels, topk=(1, 5)).double()
+            counts[2] += F.cross_entropy(logits, labels, reduction="sum").double()
+            counts[3] += len(labels)
     top1, top5, loss, images = all_reduce_sum(counts).tolist()
     return {"top1": 100 * top1 / images, "top5": 100 * top5 / images, "val_loss": loss / images, "images": int(images)}
 
@@ -411,10 +416,11 @@ def main(args):
         if args.out and rank == 0:
             os.makedirs(args.out, exist_ok=True)
         train_loader, val_loader, num_classes = load_data(args, rank, world_size, device)
+        memory_format = torch.channels_last if device.type == "cuda" else torch.preserve_format   # as to_device's
         if args.eval_only:
             net = MODELS[args.model](num_classes=num_classes)
             load_weights(net, load_state_dict(args.eval_only), f"checkpoint {args.eval_only}")
-            result = evaluate(args, net.to(device), val_loader, device)
+            result = evaluate(args, net.to(device, memory_format=memory_format), val_loader, device)
             if rank == 0:
                 print(f"eval {args.eval_only}: top1 {result['top1']:.2f}  top5 {result['top5']:.2f}  "
                       f"({result['images']} images)", flush=True)
@@ -426,7 +432,6 @@ def main(args):
         torch.manual_seed(args.seed)   # the same student initialisation whatever the loss and the teacher
         net = MODELS[args.model](num_classes=num_classes)
         raw_model = StudentWithHead(net, build_head(args, net, teacher), args.fitnet_stage)
-        memory_format = torch.channels_last if device.type == "cuda" else torch.preserve_format
         raw_model.to(device, memory_format=memory_format)
         if teacher is not None:
             teacher.to(device, memory_format=memory_format)

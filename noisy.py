@@ -159,7 +159,8 @@ class PreActBlock(nn.Module):
 
 class PreActResNet(nn.Module):
     """Stem conv-BN-ReLU, four stages of pre-activation blocks (no final BN), average pool; `linear2` classifies, `head`
-    embeds. forward(x) → (logits (B, C), unit-norm embedding (B, embed_dim), pooled features (B, 8·width))."""
+    embeds, both in float32 also under autocast. forward(x) → (logits (B, C), unit-norm embedding (B, embed_dim),
+    pooled features (B, 8·width))."""
 
     def __init__(self, num_blocks, num_classes, width=64, embed_dim=128):
         super().__init__()
@@ -181,8 +182,9 @@ class PreActResNet(nn.Module):
     def forward(self, x):
         out = F.relu(self.bn1(self.conv1(x)))
         out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
-        pooled = F.adaptive_avg_pool2d(out, 1).flatten(1)                  # (B, 512)
-        return self.linear2(pooled), F.normalize(self.head(pooled), dim=1), pooled
+        pooled = F.adaptive_avg_pool2d(out.float(), 1).flatten(1)          # (B, 512) float32
+        with torch.autocast(x.device.type, enabled=False):  # float32: bf16 logits tie, inflating β = 0.5 (Eq. 2)
+            return self.linear2(pooled), F.normalize(self.head(pooled), dim=1), pooled
 
 
 MODELS = {
@@ -379,16 +381,17 @@ def select_confident(embed, noisy_labels, num_classes, k=250, select_quantile=0.
 
 @torch.no_grad()
 def reselect(args, raw_model, data, rank, world_size):
-    """select_confident on every training image's embedding, unaugmented, eval-mode BN with rank 0's statistics (each
-    process embeds rows rank::world_size). Returns {"selected" (N,) bool, "threshold", "embed" (N, D) unit-norm}."""
+    """select_confident on every training image's embedding, in float32, unaugmented, eval-mode BN with rank 0's
+    statistics (each process embeds rows rank::world_size). Returns {"selected" (N,) bool, "threshold", "embed" (N, D)
+    unit-norm}."""
     x = data["train_x"]
     broadcast_buffers(raw_model)
     raw_model.eval()
     rows = torch.arange(rank, len(x), world_size, device=x.device)
     embed = torch.zeros(len(x), raw_model.head.out_features, device=x.device)
-    for chunk in rows.split(500):
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=args.amp and x.device.type == "cuda"):
-            embed[chunk] = raw_model(data["normalize"](x[chunk]))[1].float()
+    with torch.backends.cudnn.flags(enabled=True, benchmark=True, allow_tf32=False):     # float32, as on the CPU
+        for chunk in rows.split(500):
+            embed[chunk] = raw_model(data["normalize"](x[chunk]))[1]
     embed = F.normalize(all_reduce_sum(embed), dim=1)
     selected, threshold = select_confident(embed, data["noisy_y"], data["num_classes"], args.knn_k,
                                            args.select_quantile, args.pair_quantile)
@@ -566,6 +569,8 @@ def train_one_epoch(args, stage, model, raw_model, teacher, optimizer, data, sel
             if args.loss == "adaptconf":            # Figure 3: β of the training batches (unscaled)
                 beta += beta_counts(adaptconf_beta(student_out[0], teacher_out[0], tau=args.tau))
         loss = sum(terms.values())
+        if stage == 2 and world_size > 1:   # the untrained head gets a zero gradient: no parameter is unused, so
+            loss = loss + 0.0 * student_out[1].sum()     # DDP skips a blocking read of its used-parameter map
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -581,16 +586,18 @@ def train_one_epoch(args, stage, model, raw_model, teacher, optimizer, data, sel
 
 @torch.no_grad()
 def evaluate(args, raw_model, data, rank, world_size):
-    """{top1, top5 (percent), images}, in float32 (bf16 logits swap the top class for ~1% of images): each process
-    scores test rows rank::world_size, the counts are summed, so every image counts once. Leaves eval mode on."""
+    """{top1, top5 (percent), images}, in float32 without TF32 (bf16 logits swap the top class for ~1% of images; so
+    GPU and CPU agree): each process scores test rows rank::world_size, the counts are summed, so every image counts
+    once. Leaves eval mode on."""
     broadcast_buffers(raw_model)   # every process scores its shard with rank 0's BatchNorm statistics
     raw_model.eval()
     rows = torch.arange(rank, len(data["test_y"]), world_size, device=data["test_y"].device)
     counts = torch.zeros(3, device=rows.device)                 # top-1 hits, top-5 hits, images
-    for chunk in rows.split(500):
-        logits = raw_model(data["normalize"](data["test_x"][chunk]))[0].float()
-        counts[:2] += topk_correct(logits, data["test_y"][chunk], (1, 5))
-        counts[2] += len(chunk)
+    with torch.backends.cudnn.flags(enabled=True, benchmark=True, allow_tf32=False):     # float32, as on the CPU
+        for chunk in rows.split(500):
+            logits = raw_model(data["normalize"](data["test_x"][chunk]))[0]
+            counts[:2] += topk_correct(logits, data["test_y"][chunk], (1, 5))
+            counts[2] += len(chunk)
     top1, top5, images = all_reduce_sum(counts).tolist()
     return {"top1": 100 * top1 / images, "top5": 100 * top5 / images, "images": int(images)}
 
@@ -665,13 +672,14 @@ def main(args):
     rank, world_size, device = setup_distributed()
     try:
         start_time = time.time()
+        torch.backends.cudnn.benchmark = True       # a few fixed batch shapes: let cuDNN pick its fastest kernels
         if args.out and rank == 0:
             os.makedirs(args.out, exist_ok=True)
         data = load_data(args, rank, world_size, device)
         torch.manual_seed(args.seed)                # the same student initialisation for every --loss
         layout = torch.channels_last if device.type == "cuda" else torch.contiguous_format
         model = raw_model = MODELS[args.model](data["num_classes"]).to(device, memory_format=layout)
-        if world_size > 1:          # the warm-up leaves linear2 unused, stage two the contrastive head
+        if world_size > 1:          # the warm-up leaves linear2 unused (DDP then reads a flag per step)
             model = DistributedDataParallel(raw_model, device_ids=[device] if device.type == "cuda" else None,
                                             find_unused_parameters=True)
         if args.eval_only:

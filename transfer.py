@@ -22,6 +22,7 @@ import hashlib
 import json
 import math
 import os
+import random
 import sys
 import time
 from collections import OrderedDict
@@ -34,7 +35,6 @@ import torchvision
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torchvision import transforms
 from torchvision.datasets.folder import default_loader
-from torchvision.transforms import v2
 
 from common import (FeatureRegressor, adaptconf_beta, adaptconf_loss, augconf_alpha, augconf_loss, beta_counts,
                     beta_summary, dkd_loss, hint_loss, kd_loss, rkd_loss, topk_correct)
@@ -214,7 +214,8 @@ class VisionTransformer(nn.Module):
             pooled = self.fc_norm(tokens[:, 1:].mean(dim=1))               # (B, D)
         else:
             pooled = self.norm(tokens)[:, 0]                               # (B, D): the class token
-        logits = self.head(pooled)
+        with torch.autocast(x.device.type, enabled=False):   # float32 head: its logits feed β (Eq. 2), bf16 ones tie
+            logits = self.head(pooled.float())
         if not features:
             return logits
         grid = tokens[:, 1:].transpose(1, 2).reshape(len(x), -1, self.grid, self.grid)   # (B, D, H/p, W/p) for FitNet
@@ -313,7 +314,8 @@ def teacher_forward(t, x):
     x = t.maxpool(t.relu(t.bn1(t.conv1(x))))
     feature_map = t.layer4(t.layer3(t.layer2(t.layer1(x))))
     pooled = torch.flatten(t.avgpool(feature_map), 1)
-    return t.fc(pooled), pooled, feature_map
+    with torch.autocast(x.device.type, enabled=False):   # float32 logits: argmax t picks β's class (Eq. 2)
+        return t.fc(pooled.float()), pooled, feature_map
 
 
 # ---- data ---------------------------------------------------------------------------------------------------------
@@ -396,6 +398,23 @@ def load_data(args, rank, world_size, device):
     return train_set, val_loader, num_classes
 
 
+def mix(images, labels, num_classes, rng):
+    """MAE's mixup 0.8 or cutmix 1.0 (one per batch) with the batch neighbour, as torchvision's v2.MixUp/CutMix, on the
+    device from Python-drawn numbers (nothing is read back) -> (mixed images, (B, C) soft target)."""
+    rolled, (H, W), target = images.roll(1, 0), images.shape[-2:], F.one_hot(labels, num_classes).float()
+    if rng.random() < 0.5:   # mixup: λ·x + (1 − λ)·neighbour
+        lam = rng.betavariate(0.8, 0.8)
+        images = images * lam + rolled * (1.0 - lam)
+    else:   # cutmix: the neighbour's box of about 1 − λ of the area, centred anywhere, clipped; λ = the area left
+        r = 0.5 * math.sqrt(1.0 - rng.betavariate(1.0, 1.0))
+        h, w, cy, cx = int(r * H), int(r * W), rng.randrange(H), rng.randrange(W)
+        y1, y2, x1, x2 = max(cy - h, 0), min(cy + h, H), max(cx - w, 0), min(cx + w, W)
+        images = images.clone()
+        images[..., y1:y2, x1:x2] = rolled[..., y1:y2, x1:x2]
+        lam = 1.0 - (y2 - y1) * (x2 - x1) / (H * W)
+    return images, target * lam + target.roll(1, 0) * (1.0 - lam)
+
+
 # ---- loss, schedule, training and evaluation ----------------------------------------------------------------------
 
 def loss_terms(args, epoch, student_out, teacher_out, labels):
@@ -441,8 +460,8 @@ def train_one_epoch(args, epoch, model, teacher, regressor, optimizer, train_set
                     max_steps=None):
     """One epoch (its first max_steps steps if given) -> {lr (last step), loss, loss_<term>, train_beta_* (adaptconf),
     images_per_s}: means over every step of every process, read from the device once, at the end."""
-    # each process: an equal shard of one permutation; seeds for the workers' augmentation, and for the global RNG:
-    # drop path, mixup/cutmix and (with --workers 0) the augmentation
+    # each process: an equal shard of one permutation; seeds for the workers' augmentation, for mixup/cutmix, and for
+    # the global RNG: drop path and (with --workers 0) the augmentation
     perm = torch.randperm(len(train_set), generator=seeded("shuffle", args.seed, epoch))
     shard = perm[rank * (len(perm) // world_size):(rank + 1) * (len(perm) // world_size)].tolist()
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(train_set, shard), batch_size=args.batch_size,
@@ -450,8 +469,7 @@ def train_one_epoch(args, epoch, model, teacher, regressor, optimizer, train_set
                                          generator=seeded("augment", args.seed, rank, epoch))
     torch.manual_seed(seeded("train", args.seed, rank, epoch).initial_seed())
     model.train()   # (the regressor is never switched to eval)
-    mixer = v2.RandomChoice([v2.MixUp(alpha=0.8, num_classes=num_classes),   # MAE: mixup 0.8 or cutmix 1.0, one of
-                             v2.CutMix(alpha=1.0, num_classes=num_classes)])  # the two per batch (switch_prob 0.5)
+    mix_rng = random.Random(seeded("mix", args.seed, rank, epoch).initial_seed())
     sums, beta = {}, torch.zeros(13, dtype=torch.float64, device=device)   # beta: summed beta_counts
     start = time.time()
     for step, (images, labels) in zip(range(max_steps or len(loader)), loader):
@@ -461,7 +479,7 @@ def train_one_epoch(args, epoch, model, teacher, regressor, optimizer, train_set
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         if device.type == "cuda":
             images = images.contiguous(memory_format=torch.channels_last)
-        images, targets = mixer(images, labels)   # one mixed batch for student and teacher; (B, C) soft target
+        images, targets = mix(images, labels, num_classes, mix_rng)   # one mixed batch for student and teacher
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.amp and device.type == "cuda"):
             student_out = model(images, features=True)                        # (logits, pooled, token grid)
             with torch.no_grad():
@@ -496,7 +514,8 @@ def evaluate(args, model, loader, device):
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         if device.type == "cuda":
             images = images.contiguous(memory_format=torch.channels_last)
-        logits = model(images)   # float32, no autocast: bf16 logits tie or swap the top class for ~1% of images
+        with torch.backends.cudnn.flags(enabled=True, benchmark=True, allow_tf32=False):   # no TF32: as on the CPU
+            logits = model(images)   # float32, no autocast: bf16 logits tie or swap the top class for ~1% of images
         counts[:2] += topk_correct(logits.float(), labels, (1, 5)).to(counts)
         counts[2] += len(labels)
     top1, top5, total = all_reduce_sum(counts).tolist()
@@ -510,6 +529,7 @@ def main(args):
         if args.out and rank == 0:
             os.makedirs(args.out, exist_ok=True)
         memory_format = torch.channels_last if device.type == "cuda" else torch.preserve_format
+        torch.backends.cudnn.benchmark = True   # fixed input shapes (drop_last): cuDNN picks its convolutions once
         train_set, val_loader, num_classes = load_data(args, rank, world_size, device)
         torch.manual_seed(args.seed)   # the same student initialisation for every loss
         raw_model = build_student(args, num_classes)
@@ -546,7 +566,8 @@ def main(args):
         groups = param_groups_lrd(raw_model, weight_decay=0.05, layer_decay=0.65)   # MAE's ViT-B fine-tuning
         if regressor is not None:
             groups.append({"params": list(regressor.parameters()), "weight_decay": 0.0, "lr_scale": 1.0})
-        optimizer = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups], lr=args.lr)
+        optimizer = torch.optim.AdamW([{k: v for k, v in g.items() if k != "names"} for g in groups], lr=args.lr,
+                                      fused=True)   # one kernel; no step count read back per tensor and step
         model = DDP(raw_model) if world_size > 1 else raw_model   # DDP averages gradients; raw_model is saved
         trained_regressor = DDP(regressor) if world_size > 1 and regressor is not None else regressor
         say(f"global batch {global_batch} ({world_size} x {args.batch_size}); lr {args.lr:.3g} "

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import cifar
-from conftest import run_torchrun
+from conftest import run_torchrun, syncs_per_step
 
 # RepDistiller's models with 100 classes (counted from its model files)
 PARAMS = {"resnet8": 83892, "resnet14": 181108, "resnet20": 278324, "resnet32": 472756, "resnet44": 667188,
@@ -18,6 +18,7 @@ PARAMS = {"resnet8": 83892, "resnet14": 181108, "resnet20": 278324, "resnet32": 
           "vgg11": 9277284, "vgg13": 9462180, "vgg16": 14774436, "vgg19": 20086692, "ShuffleV1": 949258,
           "ShuffleV2": 1355528, "MobileNetV2": 812836, "ResNet18": 11220132, "ResNet50": 23705252}
 
+LOSSES = ["ce", "kd", "fitnet", "rkd", "reviewkd", "dkd", "augconf", "adaptconf"]
 TINY = ["--dataset", "synthetic", "--epochs", "1", "--batch-size", "16", "--train-subset", "32", "--test-subset", "33"]
 
 
@@ -140,7 +141,7 @@ def test_published_checkpoint_loads_strictly(tmp_path, wrap):
             assert json.load(f)["top1"] == result["top1"]
 
 
-@pytest.mark.parametrize("loss", ["ce", "kd", "fitnet", "rkd", "reviewkd", "dkd", "augconf", "adaptconf"])
+@pytest.mark.parametrize("loss", LOSSES)
 def test_each_loss_trains(tmp_path, teacher_ckpt, loss):
     teacher = [] if loss == "ce" else ["--teacher", "resnet8", "--teacher-ckpt", teacher_ckpt]
     out = tmp_path / loss
@@ -302,6 +303,37 @@ def test_benchmark_runs(tmp_path, capsys):
                  "--batch-size", "8", "--out", tmp_path)
     assert result["images_per_s"] > 0 and "images/s" in capsys.readouterr().out
     assert os.path.isfile(tmp_path / "benchmark.json")
+
+
+def test_training_steps_make_no_host_sync():
+    """No .item/.tolist/bool/nonzero/masked_select/boolean-mask indexing per training step (augmentation, teacher,
+    loss, optimizer), for every loss and both recipes: on the CPU nothing waits, so torch.cuda.set_sync_debug_mode
+    would report nothing here, and counting the calls stands in for it (tests/test_gpu.py uses the mode on a GPU)."""
+    for loss, recipe in [("ce", "classic"), *((loss, "paper") for loss in LOSSES)]:
+        teacher = [] if loss == "ce" else ["--teacher", "resnet8"]
+        argv = ["--model", "resnet8", *teacher, "--loss", loss, "--augment", recipe, "--batch-size", "8"]
+        assert syncs_per_step(lambda steps: run(*argv, "--benchmark", steps)) == {}, loss
+
+
+def test_shuffle_nets_keep_channels_last_and_the_head_runs_in_float32():
+    """On CUDA the nets run channels_last under bf16 autocast: channel_shuffle keeps the layout (same values), and
+    the classifier gives float32 logits from float32 features, as they set β (Eq. 2) and its statistics."""
+    x = torch.randn(2, 6, 3, 4)
+    reference = x.unflatten(1, (3, 2)).transpose(1, 2).flatten(1, 2)   # channels 0, 2, 4, 1, 3, 5
+    for memory_format in (torch.contiguous_format, torch.channels_last):
+        shuffled = cifar.channel_shuffle(x.contiguous(memory_format=memory_format), 3)
+        assert torch.equal(shuffled, reference) and shuffled.is_contiguous(memory_format=memory_format)
+    x = torch.randn(2, 3, 32, 32)
+    for name in ("ShuffleV1", "ShuffleV2"):
+        model = cifar.build_model(name, 10).eval()
+        logits = model(x)
+        model.to(memory_format=torch.channels_last)
+        last, maps = model(x.contiguous(memory_format=torch.channels_last), features=True)
+        assert all(m.is_contiguous(memory_format=torch.channels_last) for m in maps[:-1]), name
+        assert torch.allclose(last, logits, atol=1e-5), name
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits, feats = model(x, features=True)
+        assert logits.dtype == feats[-1].dtype == torch.float32, name
 
 
 def test_real_cifar100_weak_teacher_then_stronger_student(tmp_path, cifar100_dir):

@@ -73,4 +73,4 @@ def test_scripts_stay_small():
     lengths = {name: read(name).count("\n") for name in SCRIPTS + ["common.py"]}
     assert BLOCK.search(read("cifar.py")).group(0).count("\n") < 100
     assert max(lengths[name] for name in SCRIPTS) <= 920, lengths
-    assert sum(lengths.values()) <= 4150, lengths
+    assert sum(lengths.values()) <= 4200, lengths

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import fewshot
-from conftest import make_image_tree, run_torchrun
+from conftest import make_image_tree, run_torchrun, syncs_per_step
 
 TINY = ["--width", "4", "--image-size", "16", "--query", "3", "--val-episodes", "20", "--test-episodes", "40"]
 
@@ -330,6 +330,19 @@ def test_benchmark_runs_the_training_loop_on_synthetic_images(capsys, tmp_path, 
                                            "--out", str(tmp_path)]))
     assert res["ms_per_step"] > 0 and res["images_per_s"] > 0 and "images/s" in capsys.readouterr().out
     assert json.loads((tmp_path / "benchmark.json").read_text())["ms_per_step"] == res["ms_per_step"]
+
+
+@pytest.mark.parametrize("stage", ["classifier", "meta"])
+def test_training_steps_make_no_host_sync(stage):
+    """Counted on the CPU, where torch.cuda.set_sync_debug_mode sees nothing (nothing waits for a device there):
+    no .item(), .tolist(), bool() or boolean mask per training step, with every loss (augmentation, teacher,
+    loss, β statistics, optimizer: the ordinary loop that --benchmark runs)."""
+    found = {}
+    for loss in ["ce", "kd", "rkd", "augconf", "adaptconf"]:
+        argv = ["--stage", stage, "--model", "resnet12", *TINY, "--batch-size", "4", "--episodes-per-batch", "1",
+                "--loss", loss, "--teacher", "resnet12"]
+        found[loss] = syncs_per_step(lambda steps: fewshot.main(fewshot.parse_args([*argv, "--benchmark", str(steps)])))
+    assert found == {loss: {} for loss in found}
 
 
 # ---- bad inputs ----------------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import imagenet
-from conftest import make_image_tree, run_torchrun
+from conftest import make_image_tree, run_torchrun, syncs_per_step
 
 # 3 classes; 4 training images per class (3 steps of 4), 5 validation images per class: 15, an odd count that
 # two processes cannot split evenly, so padding or double counting would show
@@ -221,6 +221,25 @@ def test_benchmark_runs_the_training_step_on_synthetic_images(tmp_path, capsys):
     assert sorted(os.listdir(out)) == ["benchmark.json"]      # a benchmark trains, but keeps nothing
     assert imagenet.main(imagenet.parse_args(["--model", "resnet18", "--benchmark", "1", *TINY]))["ms_per_step"] > 0
     assert "distils from a teacher" in refused(["--loss", "kd", "--benchmark", "1"], capsys)
+
+
+def test_training_steps_make_no_host_sync(data_dir):
+    """No per-step .item/.tolist/bool/nonzero/boolean-mask indexing in the training loop, for every loss: on the CPU
+    nothing waits, so torch.cuda.set_sync_debug_mode would report nothing here, and counting the calls stands in."""
+    for loss in imagenet.LOSSES:   # --benchmark: the ordinary train_one_epoch on synthetic batches, 1000 classes
+        distil = [] if loss == "ce" else ["--teacher", "mobilenetv1"]
+        run = lambda steps: imagenet.main(imagenet.parse_args(["--model", "resnet18", *distil, "--loss", loss,
+                                                               "--benchmark", str(steps), *TINY]))
+        assert syncs_per_step(run) == {}, loss
+    # the real ImageFolder loader; --workers 1 runs the CPU transforms (which read random draws) in a worker process
+    args = imagenet.parse_args(["--data-dir", data_dir, "--model", "resnet18", "--teacher", "resnet18", "--loss",
+                                "adaptconf", "--teacher-ckpt", "unread.pt", *TINY, "--workers", "1"])
+    loader, cpu = imagenet.load_data(args, 0, 1, torch.device("cpu"))[0], torch.device("cpu")
+    teacher = imagenet.MODELS["resnet18"](num_classes=NUM_CLASSES).eval().requires_grad_(False)
+    model = imagenet.StudentWithHead(imagenet.MODELS["resnet18"](num_classes=NUM_CLASSES), None, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    assert syncs_per_step(lambda steps: imagenet.train_one_epoch(args, model, teacher, optimizer, loader, 0, 0, cpu,
+                                                                 max_steps=steps)) == {}
 
 
 def test_arguments_are_checked_before_any_data_is_read(tmp_path, capsys):

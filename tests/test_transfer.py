@@ -10,10 +10,11 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from PIL import Image
+from torchvision.transforms import v2
 
 import common
 import transfer
-from conftest import make_image_tree, run_torchrun
+from conftest import make_image_tree, run_torchrun, syncs_per_step
 
 TINY = transfer.VIT_CONFIGS["vit_tiny_test"]   # patch 8, dim 32, depth 2, heads 2, mlp 64
 NUM_CLASSES = 3
@@ -300,9 +301,9 @@ def test_every_loss_trains_with_finite_terms_and_gradients(loss, gt_weight):
         assert sum(stats["train_beta_hist"]) == pytest.approx(1.0)
 
 
-def test_recipe_constants_are_maes_fine_tuning(monkeypatch):
+def test_recipe_constants_are_maes_fine_tuning():
     """The flags that never varied are constants now: RandAugment 2 ops m9 of 11 bins, random erasing 0.25 with
-    per-pixel noise, mixup 0.8 or cutmix 1.0 (one per batch), evaluation resize 256 / centre crop 224."""
+    per-pixel noise, evaluation resize 256 / centre crop 224 (mixup 0.8 or cutmix 1.0: the next test)."""
     train, val = transfer.build_transforms(transfer.parse_args(["--loss", "ce"]))
     kinds = [type(t).__name__ for t in train.transforms]
     assert kinds == ["RandomResizedCrop", "RandomHorizontalFlip", "RandAugment", "ToTensor", "Normalize",
@@ -313,11 +314,37 @@ def test_recipe_constants_are_maes_fine_tuning(monkeypatch):
     assert (erasing.p, erasing.value) == (0.25, "random")
     assert [type(t).__name__ for t in val.transforms] == ["Resize", "CenterCrop", "ToTensor", "Normalize"]
     assert val.transforms[0].size == 256 and val.transforms[1].size == (224, 224)
-    chosen, choice = [], transfer.v2.RandomChoice
-    monkeypatch.setattr(transfer.v2, "RandomChoice", lambda ts, **kw: chosen.append(ts) or choice(ts, **kw))
-    args, student, teacher, regressor = step_setup("ce")
-    train_steps(args, student, teacher, regressor, torch.randn(6, 3, 32, 32), torch.tensor([0, 1, 2] * 2))
-    assert [(type(t).__name__, t.alpha) for t in chosen[0]] == [("MixUp", 0.8), ("CutMix", 1.0)]
+
+
+class FixedDraws:   # stands in for random.Random: mixup (u < 0.5) or cutmix, λ = 0.3, box centre (10, 10)
+    def __init__(self, u):
+        self.u, self.alphas = u, []
+
+    def random(self):
+        return self.u
+
+    def betavariate(self, a, b):
+        self.alphas.append((a, b))
+        return 0.3
+
+    def randrange(self, n):
+        return 10
+
+
+@pytest.mark.parametrize("u,name,alpha", [(0.2, "MixUp", 0.8), (0.7, "CutMix", 1.0)])
+def test_mix_is_torchvisions_mixup_or_cutmix_with_maes_alphas(u, name, alpha, monkeypatch):
+    """transfer.mix draws from a Python RNG (no tensor read back on the GPU) and then mixes exactly as torchvision's
+    v2.MixUp / v2.CutMix with the same λ and box centre, bit for bit."""
+    images, labels = torch.randn(6, 3, 32, 32), torch.tensor([0, 1, 2] * 2)
+    draws = FixedDraws(u)
+    mixed, target = transfer.mix(images, labels, NUM_CLASSES, draws)
+    assert draws.alphas == [(alpha, alpha)]
+    reference = getattr(v2, name)(alpha=alpha, num_classes=NUM_CLASSES)
+    monkeypatch.setattr(reference._dist, "sample", lambda shape: torch.tensor(0.3))
+    monkeypatch.setattr(torch, "randint", lambda high, size: torch.tensor([10]))
+    want_images, want_target = reference(images, labels)
+    assert torch.equal(mixed, want_images) and torch.equal(target, want_target)
+    assert not torch.equal(mixed, images) and torch.allclose(target.sum(1), torch.ones(6))
 
 
 def test_loss_terms_choose_the_loss_without_running_a_model():
@@ -417,6 +444,27 @@ def test_benchmark_runs_the_training_loop_on_synthetic_images_without_data(tmp_p
     out = capsys.readouterr().out
     assert "random weights" in out and "images/s" in out and "ms/step" in out
     assert not os.path.exists(tmp_path / "log.jsonl")   # the benchmark trains no epoch and writes no log
+
+
+def test_logits_that_feed_beta_are_float32_under_autocast():
+    """The ViT head and the teacher's fc run in float32 under bf16 autocast: bf16 logits tie in the top class and
+    inflate the fraction of β = 0.5 (Eq. 2)."""
+    student, teacher = tiny_vit(), torchvision.models.resnet18(num_classes=NUM_CLASSES).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert student.blocks[0].mlp(torch.randn(2, TINY["dim"])).dtype == torch.bfloat16   # autocast is on
+        assert student(x).dtype == transfer.teacher_forward(teacher, x)[0].dtype == torch.float32
+
+
+@pytest.mark.parametrize("loss", ["ce", "kd", "fitnet", "rkd", "dkd", "augconf", "adaptconf"])
+def test_training_steps_read_nothing_back_from_the_device(loss):
+    """No host sync per training step. On the CPU nothing waits, so torch.cuda.set_sync_debug_mode has nothing to
+    report: conftest counts the reads that would wait on CUDA instead. --workers 1: batches are made in a worker
+    process, on host tensors, as on a GPU machine."""
+    run = lambda steps: transfer.main(transfer.parse_args([   # noqa: E731
+        "--model", "vit_tiny_test", "--image-size", "32", "--batch-size", "4", "--workers", "1", "--loss", loss,
+        "--teacher", "resnet18", "--benchmark", str(steps)]))
+    assert syncs_per_step(run) == {}
 
 
 def test_inaturalist_split_follows_the_official_json_files(tmp_path):
