@@ -23,6 +23,9 @@ import json
 import math
 import os
 import pickle
+import platform
+import shutil
+import subprocess
 import sys
 import time
 
@@ -36,8 +39,45 @@ from torch.nn.parallel import DistributedDataParallel
 from common import (FeatureRegressor, ReviewKDFusion, adaptconf_beta, adaptconf_loss, augconf_alpha, augconf_loss,
                     beta_counts, beta_summary, dkd_loss, hcl_loss, hint_loss, kd_loss, rkd_loss, topk_correct)
 
-# ---- shared: DDP, seeding, logging, checkpoints ------------------------------------------------------------------
+# ---- shared: DDP, seeding, logging, checkpoints, errors ----------------------------------------------------------
 # Copied on purpose, identically, into every script (tests/test_copies.py keeps the copies equal): edit all together.
+
+class UserError(SystemExit):
+    """A mistake in the command line or in a file it names: Python prints this one line, no traceback, and exits 1.
+    Under torchrun, ranks other than 0 wait 5 s first: when rank 0 fails too, torchrun stops them before they repeat."""
+    def __init__(self, message):
+        if int(os.environ.get("RANK", 0)) > 0:
+            time.sleep(5)
+        super().__init__(f"{os.path.basename(sys.argv[0])}: error: {message}")
+
+
+class Parser(argparse.ArgumentParser):   # argparse's errors as one UserError line (no usage block, no repeat per rank)
+    def error(self, message):
+        raise UserError(message)
+
+
+POSITIVE = {"epochs", "batch_size", "lr", "blr", "finetune_lr", "tau", "kd_T", "dkd_T", "image_size", "width", "way",
+            "shot", "query", "episodes_per_batch", "batches_per_epoch", "val_episodes", "test_episodes", "knn_k",
+            "crop_fraction"}
+FRACTION = {"noise_rate", "select_quantile", "pair_quantile", "label_smoothing", "drop_path", "crop_fraction",
+            "alpha_max"}
+
+
+def check_numbers(p, args):
+    """The same rule in every script: every number finite, counts/sizes/rates/temperatures > 0, fractions in [0, 1],
+    everything else (weights, subsets, seeds, warm-ups, workers, --benchmark) >= 0; the warm-up shorter than the run."""
+    for name, value in vars(args).items():
+        flag = "--" + name.replace("_", "-")
+        for v in value if isinstance(value, list) else [value]:
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                continue
+            if not math.isfinite(v) or v < 0 or (name in POSITIVE and v == 0) or (name in FRACTION and v > 1):
+                rule = {(1, 1): "in (0, 1]", (1, 0): "> 0", (0, 1): "in [0, 1]"}.get(
+                    (name in POSITIVE, name in FRACTION), ">= 0")
+                p.error(f"{flag} must be {rule} and finite, got {v}")
+    if getattr(args, "warmup_epochs", None) and args.epochs is not None and args.warmup_epochs >= args.epochs:
+        p.error(f"--warmup-epochs {args.warmup_epochs} must be below --epochs {args.epochs}, or the lr never peaks")
+
 
 def setup_distributed():
     """(rank, world_size, device). torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; plain `python` is rank 0 of 1."""
@@ -47,7 +87,11 @@ def setup_distributed():
     device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    store, restart = None, os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    if restart != "0" and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":   # torchrun restarted the workers:
+        store = dist.PrefixStore(f"restart{restart}", dist.TCPStore(   # its store still holds the addresses of the
+            os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=False))   # killed ones
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=rank, world_size=world_size)
     return rank, world_size, device
 
 
@@ -85,6 +129,20 @@ def check_finite(means, epoch):   # epoch means, equal on all processes: all sto
                                  "data and the teacher checkpoint")
 
 
+class Progress:   # rank 0: a line every `every` s inside an epoch (step, images/s, ETA), read from host clocks only
+    def __init__(self, rank, steps, images_per_step, epochs_left=1, every=30.0):
+        self.on, self.steps, self.images, self.left, self.every = rank == 0, steps, images_per_step, epochs_left, every
+        self.start = self.last = time.time()
+
+    def step(self, done):   # after `done` steps of this epoch
+        now = time.time()
+        if self.on and now - self.last >= self.every and done < self.steps:
+            self.last, rate = now, done / max(now - self.start, 1e-6)
+            eta = (self.steps - done) / rate
+            print(f"  step {done}/{self.steps}  {rate * self.images:.0f} images/s  epoch ends in {eta / 60:.1f} min, "
+                  f"the run in {(eta + (self.left - 1) * self.steps / rate) / 60:.1f} min", flush=True)
+
+
 def log_record(out_dir, record):
     """Prints one readable line and appends the same fields as one JSON line to <out_dir>/log.jsonl (rank 0 only)."""
     print("  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
@@ -92,12 +150,6 @@ def log_record(out_dir, record):
     if out_dir:
         with open(os.path.join(out_dir, "log.jsonl"), "a") as f:
             f.write(json.dumps(record) + "\n")
-
-
-def trim_log(out_dir, start_epoch):   # on resume: drops the log lines written after the checkpoint
-    path = os.path.join(out_dir, "log.jsonl")
-    with open(path) if os.path.exists(path) else open(os.devnull) as f:
-        write_text("".join(line for line in f if line.strip() and json.loads(line)["epoch"] < start_epoch), path)
 
 
 def write_text(text, path):   # to a temporary name, then renamed: a killed run never leaves a half-written file
@@ -111,16 +163,26 @@ def save_atomic(obj, path):   # torch.save to a temporary name, then renamed, as
     os.replace(path + ".tmp", path)
 
 
-def load_state_dict(path):
+def read_checkpoint(path, flag):   # torch.load(weights_only=True): tensors and plain data only, a file cannot run code
+    if not os.path.isfile(path):
+        raise UserError(f"{flag} {path} is {'a folder' if os.path.isdir(path) else 'missing'}; pass a checkpoint file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        why = (f"{type(e).__name__}: {(str(e).strip() or 'empty or cut short').splitlines()[0][:120]}; pass an "
+               "intact file of tensors") if "Weights only load failed" not in str(e) else ("it holds Python objects "
+               "besides tensors, which could run code; if you trust it, save its state_dict alone with torch.save")
+        raise UserError(f"{flag} {path} is not a readable weights-only PyTorch checkpoint ({why})") from None
+
+
+def load_state_dict(path, flag):
     """The state_dict in a checkpoint of ours, RepDistiller, mdistiller, the official code or torchvision/timm:
     {"model": sd}, {"state_dict": sd}, {"net": sd} or a bare sd, "module." prefixes removed."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path} does not exist; pass the path of a trained model's checkpoint")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt = read_checkpoint(path, flag)
     sd = next((ckpt[k] for k in ("model", "state_dict", "net") if isinstance(ckpt, dict)
                and isinstance(ckpt.get(k), dict)), ckpt)
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise ValueError(f"{path} holds no state_dict ('model', 'state_dict', 'net' or bare); pass a model checkpoint")
+        raise UserError(f"{flag} {path} holds no state_dict ('model', 'state_dict', 'net' or bare); pass a model's")
     return {k.removeprefix("module."): v for k, v in sd.items()}
 
 
@@ -131,8 +193,82 @@ def load_weights(model, state_dict, what):   # strict, naming the first wrong te
                    if name not in own else None if state_dict[name].shape == own[name].shape else
                    f"has shape {tuple(state_dict[name].shape)} in the checkpoint but {tuple(own[name].shape)} here")
         if problem:
-            raise ValueError(f"{what}: tensor '{name}' {problem}; check the model name and the number of classes")
+            raise UserError(f"{what}: tensor '{name}' {problem}; check the model name and the number of classes")
     model.load_state_dict(state_dict)
+
+
+FREE = {"out", "resume", "overwrite", "epochs", "finetune_epochs", "stop_after", "workers", "data_dir", "download",
+        "skip_bad_images"}
+
+
+def make_out(path):   # creates --out (and its parents), or stops with one line
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--out {path} cannot be created ({e.strerror}); pass a folder you can write") from None
+    if not os.access(path, os.W_OK):
+        raise UserError(f"--out {path} is not writable; pass a folder you can write")
+
+
+def run_info(world_size, device):   # what results.json records about where it ran
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=os.path.dirname(
+        os.path.abspath(__file__))).stdout.strip() if shutil.which("git") else ""
+    return {"torch": torch.__version__, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else
+            platform.processor() or platform.machine(), "world_size": world_size, "git_commit": commit or None}
+
+
+def open_run(args, rank):
+    """--out and --resume -> the checkpoint to continue from, or None. A folder holding a run needs --resume (continue)
+    or --overwrite (start afresh); --resume on an empty or new folder starts afresh, so one command serves the first
+    launch and every restart. Refuses a resume whose arguments changed (all but FREE); drops stale temporary files,
+    log lines after the checkpoint and a cut-off last line. Every rank reads the checkpoint; rank 0 edits the folder."""
+    if not args.out or args.resume and args.overwrite:
+        if args.resume:
+            raise UserError("--resume continues the run in --out; pass --out" if not args.out else
+                            "--resume continues the run in --out, --overwrite replaces it: pass one of them")
+        return None
+    args.world_size = int(os.environ.get("WORLD_SIZE", 1))   # saved with the args: a resume on other processes differs
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise UserError(f"--out {args.out} is a file; pass a folder (it is created if missing)")
+    held = [f for f in ("checkpoint.pt", "log.jsonl", "results.json") if os.path.exists(os.path.join(args.out, f))]
+    if held and not (args.resume or args.overwrite):
+        raise UserError(f"--out {args.out} holds a run ({', '.join(held)}); pass --resume to continue it, --overwrite "
+                        "to start afresh, or another --out")
+    path = os.path.join(args.out, "checkpoint.pt")
+    ckpt = read_checkpoint(path, "--resume") if args.resume and "checkpoint.pt" in held else None
+    if ckpt is not None and not (isinstance(ckpt, dict) and {"args", "epoch"} <= set(ckpt)):
+        raise UserError(f"--resume: {path} was not written by this script (no args, epoch); pass another --out")
+    if ckpt is not None:
+        changed = sorted(k for k in {**ckpt["args"], **vars(args)} if k not in FREE and
+                         ckpt["args"].get(k) != vars(args).get(k))
+        if changed:
+            raise UserError("--resume: the run in --out was started with other " + ", ".join(
+                f"{'processes' if k == 'world_size' else '--' + k.replace('_', '-')} ({ckpt['args'].get(k)} there, "
+                f"{vars(args).get(k)} now)" for k in changed)
+                + "; pass the same ones, or another --out")
+    if rank == 0:
+        make_out(args.out)
+        for name in os.listdir(args.out):
+            if ".tmp" in name:   # left by a write that was killed
+                os.remove(os.path.join(args.out, name))
+        if ckpt is None:
+            for name in held:
+                os.remove(os.path.join(args.out, name))
+            print(f"{args.out}: a fresh run{' (--resume found no checkpoint)' if args.resume else ''}", flush=True)
+        else:
+            lines = open(os.path.join(args.out, "log.jsonl")).readlines() if "log.jsonl" in held else []
+            keep = []
+            for line in lines:   # the epochs the checkpoint holds, without a line cut short or garbled by a crash
+                try:
+                    keep += [line] if line.endswith("\n") and json.loads(line)["epoch"] < ckpt["epoch"] else []
+                except (ValueError, KeyError, TypeError):
+                    pass
+            write_text("".join(keep), os.path.join(args.out, "log.jsonl"))
+            print(f"resuming {args.out} after epoch {ckpt['epoch']}", flush=True)
+            if ckpt["args"]["epochs"] != args.epochs:
+                print(f"warning: --epochs {args.epochs} (was {ckpt['args']['epochs']}): a schedule that depends on it "
+                      "follows the new length in the epochs left, unlike a run started with it", flush=True)
+    return ckpt
 # ---- end shared --------------------------------------------------------------------------------------------------
 
 
@@ -461,9 +597,9 @@ def read_cifar(data_dir, dataset):
         root = data_dir   # --data-dir may also point at the extracted folder itself
     missing = [f for f in train_files + test_files if not os.path.isfile(os.path.join(root, f))]
     if missing:
-        raise FileNotFoundError(f"{dataset} not found: expected {os.path.join(data_dir, folder)}/ holding "
-                                f"{', '.join(train_files + test_files)} (the 'python version' from "
-                                "https://www.cs.toronto.edu/~kriz/cifar.html); fix --data-dir or add --download")
+        raise UserError(f"{dataset} not found: expected {os.path.join(data_dir, folder)}/ holding "
+                        f"{', '.join(train_files + test_files)} (the 'python version' from "
+                        "https://www.cs.toronto.edu/~kriz/cifar.html); fix --data-dir or add --download")
 
     def read(files):
         xs, ys = [], []
@@ -475,11 +611,11 @@ def read_cifar(data_dir, dataset):
                 x = np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
                 y = np.asarray(entry[label_key], dtype=np.int64)
             except Exception as e:
-                raise ValueError(f"{path} is not a CIFAR python-pickle file with 'data' (N x 3072 uint8) and "
-                                 f"'{label_key}' ({type(e).__name__}: {e}); download it again with --download") from e
+                raise UserError(f"{path} is not a CIFAR python-pickle file with 'data' (N x 3072 uint8) and "
+                                f"'{label_key}' ({type(e).__name__}: {e}); download it again with --download") from None
             if len(x) != len(y) or len(y) == 0 or y.min() < 0 or y.max() >= classes:
-                raise ValueError(f"{path} holds {len(x)} images and {len(y)} labels in [0, {classes}) expected; "
-                                 "download it again with --download")
+                raise UserError(f"{path} holds {len(x)} images and {len(y)} labels in [0, {classes}) expected; "
+                                "download it again with --download")
             xs.append(x)
             ys.append(y)
         return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
@@ -549,7 +685,11 @@ def load_data(args, rank, world_size, device):
         if args.download:
             if rank == 0:   # torchvision only to fetch the files; they are then read like any other copy
                 import torchvision
-                getattr(torchvision.datasets, args.dataset.upper())(args.data_dir, download=True)
+                try:
+                    getattr(torchvision.datasets, args.dataset.upper())(args.data_dir, download=True)
+                except Exception as e:   # no network, a full disk, a failed checksum
+                    raise UserError(f"--download could not fetch {args.dataset} into --data-dir {args.data_dir} "
+                                    f"({type(e).__name__}: {e}); fetch it by hand and drop --download") from None
             if dist.is_initialized():
                 dist.barrier()
         train_x, train_y, test_x, test_y, classes = read_cifar(args.data_dir, args.dataset)
@@ -612,9 +752,9 @@ def build_heads(args, net, teacher):
         shapes = lambda m: [tuple(f.shape[1:]) for f in m.eval()(torch.zeros(2, 3, 32, 32), features=True)[1]]
         s_shapes, t_shapes = shapes(net), shapes(teacher)
     if len(s_shapes) != len(t_shapes) and (args.loss == "reviewkd" or args.fitnet_stages == "all"):
-        raise ValueError(f"{args.loss} pairs stages one to one, but {args.model} has {len(s_shapes) - 1} stages and "
-                         f"{args.teacher} {len(t_shapes) - 1}; pick models with as many stages"
-                         + (" or --fitnet-stages middle" if args.loss == "fitnet" else ""))
+        raise UserError(f"--loss {args.loss} pairs stages one to one, but {args.model} has {len(s_shapes) - 1} "
+                        f"stages and {args.teacher} {len(t_shapes) - 1}; pick models with as many stages"
+                        + (" or --fitnet-stages middle" if args.loss == "fitnet" else ""))
     if args.loss == "fitnet":
         stages = list(range(len(s_shapes) - 1)) if args.fitnet_stages == "all" else [1]
         return HintRegressors(stages, s_shapes, t_shapes)
@@ -681,8 +821,10 @@ def train_one_epoch(args, epoch, model, teacher, optimizer, train_x, train_y, no
     gen = seeded("augment", args.seed, rank, epoch, device=train_x.device)   # re-seeded per epoch: exact --resume
     use_amp = args.amp and train_x.device.type == "cuda"
     model.train()
-    sums = {}
-    for step in range(min(steps, max_steps or steps)):
+    sums, run_steps = {}, min(steps, max_steps or steps)
+    progress = Progress(rank, run_steps, args.batch_size * world_size,
+                        1 if max_steps else min(args.epochs, args.stop_after or args.epochs) - epoch)
+    for step in range(run_steps):
         idx = shard[step * args.batch_size:(step + 1) * args.batch_size]
         x, labels = normalize(augment(train_x[idx], args.augment, gen)), train_y[idx]
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=use_amp):
@@ -699,7 +841,8 @@ def train_one_epoch(args, epoch, model, teacher, optimizer, train_x, train_y, no
         optimizer.step()
         for name, value in {"loss": loss, **{f"loss_{k}": v for k, v in terms.items()}}.items():
             sums[name] = sums.get(name, 0.0) + value.detach().float()
-    means = all_reduce_sum(torch.stack(list(sums.values()))) / (world_size * min(steps, max_steps or steps))
+        progress.step(step + 1)   # host clocks only: nothing read from the device
+    means = all_reduce_sum(torch.stack(list(sums.values()))) / (world_size * run_steps)
     means = dict(zip(sums, means.tolist()))
     check_finite(means, epoch)
     return means
@@ -732,24 +875,36 @@ def main(args):
     try:
         torch.backends.cudnn.benchmark = True   # fixed 32x32 shapes: let cuDNN pick its fastest kernels
         memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-        if args.out and rank == 0:
-            os.makedirs(args.out, exist_ok=True)
+        ckpt = None
+        if not (args.eval_only or args.benchmark):
+            ckpt = open_run(args, rank)   # --out, --resume, --overwrite: checked before any data is read
+        elif args.out:   # these write one file, results.json or benchmark.json, into a new or existing folder
+            report = os.path.join(args.out, "results.json" if args.eval_only else "benchmark.json")
+            if os.path.exists(args.out) and not os.path.isdir(args.out):
+                raise UserError(f"--out {args.out} is a file; pass a folder (it is created if missing)")
+            if os.path.exists(report) and not args.overwrite:
+                raise UserError(f"--out {args.out} already holds {os.path.basename(report)}; pass --overwrite to "
+                                "replace it, or another --out")
+            if rank == 0:
+                make_out(args.out)
         train_x, train_y, test_x, test_y, classes, normalize = load_data(args, rank, world_size, device)
         if args.eval_only:
             net = build_model(args.model, classes).to(device, memory_format=memory_format)
-            load_weights(net, load_state_dict(args.eval_only), f"--eval-only checkpoint {args.eval_only}")
+            load_weights(net, load_state_dict(args.eval_only, "--eval-only"), f"--eval-only {args.eval_only}")
             result = evaluate(args, net, test_x, test_y, normalize, rank, world_size)
             if rank == 0:
                 print(f"eval {args.eval_only}: top1 {result['top1']:.2f}  top5 {result['top5']:.2f}", flush=True)
                 if args.out:
-                    write_text(json.dumps({**result, "args": vars(args)}, indent=2), f"{args.out}/results.json")
+                    write_text(json.dumps({**result, **run_info(world_size, device), "args": vars(args)}, indent=2),
+                               f"{args.out}/results.json")
             return result
 
         teacher = None
         if args.loss != "ce":   # frozen; loaded first, so that a wrong checkpoint fails before any training
             teacher = build_model(args.teacher, classes).eval().requires_grad_(False)
             if args.teacher_ckpt:   # only --benchmark runs without one (random weights)
-                load_weights(teacher, load_state_dict(args.teacher_ckpt), f"--teacher-ckpt {args.teacher_ckpt}")
+                load_weights(teacher, load_state_dict(args.teacher_ckpt, "--teacher-ckpt"),
+                             f"--teacher-ckpt {args.teacher_ckpt}")
         torch.manual_seed(args.seed)   # the same student initialisation whatever the loss and teacher
         net = build_model(args.model, classes)
         heads = build_heads(args, net, teacher)
@@ -765,8 +920,8 @@ def main(args):
         global_batch = args.batch_size * world_size
         steps = (len(train_x) // world_size) // args.batch_size
         if steps == 0:
-            raise ValueError(f"{len(train_x)} training images cannot fill one batch of {args.batch_size} on each of "
-                             f"{world_size} processes; lower --batch-size")
+            raise UserError(f"{len(train_x)} training images cannot fill one batch of {args.batch_size} on each of "
+                            f"{world_size} processes; lower --batch-size or raise --train-subset")
         epoch_train = lambda epoch, max_steps=None: train_one_epoch(args, epoch, model, teacher, optimizer, train_x,
                                                                      train_y, normalize, rank, world_size, max_steps)
 
@@ -786,15 +941,12 @@ def main(args):
             return result
 
         start_epoch, best, seconds = 0, {"top1": -1.0, "top5": -1.0, "epoch": -1}, 0.0
-        if args.resume:   # parse_args checked that the checkpoint exists
-            ckpt = torch.load(os.path.join(args.out, "checkpoint.pt"), map_location="cpu", weights_only=False)
+        if ckpt is not None:   # open_run checked that it comes from a run with the same arguments
             net.load_state_dict(ckpt["model"])
             if heads is not None:
                 heads.load_state_dict(ckpt["heads"])
             optimizer.load_state_dict(ckpt["optimizer"])
             start_epoch, best, seconds = ckpt["epoch"], ckpt["best"], ckpt["seconds"]
-            if rank == 0:
-                trim_log(args.out, start_epoch)
         teacher_top1 = evaluate(args, teacher, test_x, test_y, normalize, rank, world_size)["top1"] if teacher else None
         if rank == 0:
             print(f"{args.model} <- {args.teacher or 'labels'} ({args.loss}) on {args.dataset}: {len(train_x)} train / "
@@ -827,7 +979,7 @@ def main(args):
         results = {"top1": metrics["top1"], "top5": metrics["top5"], "best_top1": best["top1"],
                    "best_top5": best["top5"], "best_epoch": best["epoch"], "teacher_top1": teacher_top1,
                    "images": metrics["images"], "epochs_done": max(stop, start_epoch), "seconds": seconds,
-                   "world_size": world_size, "args": vars(args)}
+                   **run_info(world_size, device), "args": vars(args)}
         if rank == 0:
             print(f"done: top1 {results['top1']:.2f} (best {results['best_top1']:.2f} at epoch {best['epoch']}), "
                   f"{seconds:.0f} s", flush=True)
@@ -839,8 +991,7 @@ def main(args):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = Parser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default="cifar100", choices=["cifar100", "cifar10", "synthetic"],
                    help="python-pickle CIFAR, or a small learnable set generated in memory (no files)")
@@ -885,18 +1036,23 @@ def parse_args(argv=None):
     g = p.add_argument_group("run")
     g.add_argument("--seed", type=int, default=0, help="seed of initialisation, shuffling and augmentation")
     g.add_argument("--out", default=None, help="output folder (log.jsonl, results.json, checkpoint.pt); None = stdout")
-    g.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
+    g.add_argument("--resume", action="store_true",
+                   help="continue from <out>/checkpoint.pt; starts afresh when --out holds none (first launch)")
+    g.add_argument("--overwrite", action="store_true", help="start afresh in a non-empty --out (deletes its run)")
     g.add_argument("--stop-after", type=int, default=0,
                    help="end after this many epochs of the --epochs schedule (0 = all); continue with --resume")
-    g.add_argument("--eval-only", default=None, metavar="CKPT", help="evaluate --model with these weights and exit")
+    g.add_argument("--eval-only", default=None, metavar="CKPT",
+                   help="evaluate --model with these weights and exit (to <out>/results.json, replaced only with "
+                        "--overwrite; nothing else in --out is touched)")
     g.add_argument("--benchmark", type=int, default=0, metavar="STEPS",
-                   help="time STEPS training steps on random images (the training loop itself); print images/s")
+                   help="time STEPS training steps on random images (the training loop itself); print images/s "
+                        "(to <out>/benchmark.json, replaced only with --overwrite)")
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
                    help="bf16 autocast on CUDA (CPU runs float32)")
     args = p.parse_args(argv)
-    for name in ("kd_T", "tau", "dkd_T"):
-        if not getattr(args, name) > 0:
-            p.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    check_numbers(p, args)
+    if args.resume and (args.eval_only or args.benchmark):
+        p.error("--resume continues a training run; it does not combine with --eval-only or --benchmark")
     if args.loss == "ce" and args.gt_weight <= 0 and not args.eval_only:
         p.error("--loss ce with --gt-weight 0 has nothing to learn from; use --gt-weight 1 or a teacher loss")
     if args.loss == "dkd" and args.gt_weight <= 0:
@@ -905,9 +1061,6 @@ def parse_args(argv=None):
     if args.loss != "ce" and not args.eval_only and not (args.teacher and (args.teacher_ckpt or args.benchmark)):
         p.error(f"--loss {args.loss} distils from a teacher: pass --teacher NAME and --teacher-ckpt PATH (train the "
                 "teacher first with --loss ce)")
-    if args.resume and not (args.out and os.path.isfile(os.path.join(args.out, "checkpoint.pt"))):
-        p.error(f"--resume needs {os.path.join(args.out or '<--out>', 'checkpoint.pt')} from an earlier run with the "
-                "same --out")
     return args
 
 

@@ -26,6 +26,9 @@ import json
 import math
 import os
 import pickle
+import platform
+import shutil
+import subprocess
 import sys
 import time
 
@@ -39,8 +42,45 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import common
 
-# ---- shared: DDP, seeding, logging, checkpoints ------------------------------------------------------------------
+# ---- shared: DDP, seeding, logging, checkpoints, errors ----------------------------------------------------------
 # Copied on purpose, identically, into every script (tests/test_copies.py keeps the copies equal): edit all together.
+
+class UserError(SystemExit):
+    """A mistake in the command line or in a file it names: Python prints this one line, no traceback, and exits 1.
+    Under torchrun, ranks other than 0 wait 5 s first: when rank 0 fails too, torchrun stops them before they repeat."""
+    def __init__(self, message):
+        if int(os.environ.get("RANK", 0)) > 0:
+            time.sleep(5)
+        super().__init__(f"{os.path.basename(sys.argv[0])}: error: {message}")
+
+
+class Parser(argparse.ArgumentParser):   # argparse's errors as one UserError line (no usage block, no repeat per rank)
+    def error(self, message):
+        raise UserError(message)
+
+
+POSITIVE = {"epochs", "batch_size", "lr", "blr", "finetune_lr", "tau", "kd_T", "dkd_T", "image_size", "width", "way",
+            "shot", "query", "episodes_per_batch", "batches_per_epoch", "val_episodes", "test_episodes", "knn_k",
+            "crop_fraction"}
+FRACTION = {"noise_rate", "select_quantile", "pair_quantile", "label_smoothing", "drop_path", "crop_fraction",
+            "alpha_max"}
+
+
+def check_numbers(p, args):
+    """The same rule in every script: every number finite, counts/sizes/rates/temperatures > 0, fractions in [0, 1],
+    everything else (weights, subsets, seeds, warm-ups, workers, --benchmark) >= 0; the warm-up shorter than the run."""
+    for name, value in vars(args).items():
+        flag = "--" + name.replace("_", "-")
+        for v in value if isinstance(value, list) else [value]:
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                continue
+            if not math.isfinite(v) or v < 0 or (name in POSITIVE and v == 0) or (name in FRACTION and v > 1):
+                rule = {(1, 1): "in (0, 1]", (1, 0): "> 0", (0, 1): "in [0, 1]"}.get(
+                    (name in POSITIVE, name in FRACTION), ">= 0")
+                p.error(f"{flag} must be {rule} and finite, got {v}")
+    if getattr(args, "warmup_epochs", None) and args.epochs is not None and args.warmup_epochs >= args.epochs:
+        p.error(f"--warmup-epochs {args.warmup_epochs} must be below --epochs {args.epochs}, or the lr never peaks")
+
 
 def setup_distributed():
     """(rank, world_size, device). torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; plain `python` is rank 0 of 1."""
@@ -50,7 +90,11 @@ def setup_distributed():
     device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    store, restart = None, os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    if restart != "0" and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":   # torchrun restarted the workers:
+        store = dist.PrefixStore(f"restart{restart}", dist.TCPStore(   # its store still holds the addresses of the
+            os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=False))   # killed ones
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=rank, world_size=world_size)
     return rank, world_size, device
 
 
@@ -88,6 +132,20 @@ def check_finite(means, epoch):   # epoch means, equal on all processes: all sto
                                  "data and the teacher checkpoint")
 
 
+class Progress:   # rank 0: a line every `every` s inside an epoch (step, images/s, ETA), read from host clocks only
+    def __init__(self, rank, steps, images_per_step, epochs_left=1, every=30.0):
+        self.on, self.steps, self.images, self.left, self.every = rank == 0, steps, images_per_step, epochs_left, every
+        self.start = self.last = time.time()
+
+    def step(self, done):   # after `done` steps of this epoch
+        now = time.time()
+        if self.on and now - self.last >= self.every and done < self.steps:
+            self.last, rate = now, done / max(now - self.start, 1e-6)
+            eta = (self.steps - done) / rate
+            print(f"  step {done}/{self.steps}  {rate * self.images:.0f} images/s  epoch ends in {eta / 60:.1f} min, "
+                  f"the run in {(eta + (self.left - 1) * self.steps / rate) / 60:.1f} min", flush=True)
+
+
 def log_record(out_dir, record):
     """Prints one readable line and appends the same fields as one JSON line to <out_dir>/log.jsonl (rank 0 only)."""
     print("  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
@@ -95,12 +153,6 @@ def log_record(out_dir, record):
     if out_dir:
         with open(os.path.join(out_dir, "log.jsonl"), "a") as f:
             f.write(json.dumps(record) + "\n")
-
-
-def trim_log(out_dir, start_epoch):   # on resume: drops the log lines written after the checkpoint
-    path = os.path.join(out_dir, "log.jsonl")
-    with open(path) if os.path.exists(path) else open(os.devnull) as f:
-        write_text("".join(line for line in f if line.strip() and json.loads(line)["epoch"] < start_epoch), path)
 
 
 def write_text(text, path):   # to a temporary name, then renamed: a killed run never leaves a half-written file
@@ -114,16 +166,26 @@ def save_atomic(obj, path):   # torch.save to a temporary name, then renamed, as
     os.replace(path + ".tmp", path)
 
 
-def load_state_dict(path):
+def read_checkpoint(path, flag):   # torch.load(weights_only=True): tensors and plain data only, a file cannot run code
+    if not os.path.isfile(path):
+        raise UserError(f"{flag} {path} is {'a folder' if os.path.isdir(path) else 'missing'}; pass a checkpoint file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        why = (f"{type(e).__name__}: {(str(e).strip() or 'empty or cut short').splitlines()[0][:120]}; pass an "
+               "intact file of tensors") if "Weights only load failed" not in str(e) else ("it holds Python objects "
+               "besides tensors, which could run code; if you trust it, save its state_dict alone with torch.save")
+        raise UserError(f"{flag} {path} is not a readable weights-only PyTorch checkpoint ({why})") from None
+
+
+def load_state_dict(path, flag):
     """The state_dict in a checkpoint of ours, RepDistiller, mdistiller, the official code or torchvision/timm:
     {"model": sd}, {"state_dict": sd}, {"net": sd} or a bare sd, "module." prefixes removed."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path} does not exist; pass the path of a trained model's checkpoint")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt = read_checkpoint(path, flag)
     sd = next((ckpt[k] for k in ("model", "state_dict", "net") if isinstance(ckpt, dict)
                and isinstance(ckpt.get(k), dict)), ckpt)
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise ValueError(f"{path} holds no state_dict ('model', 'state_dict', 'net' or bare); pass a model checkpoint")
+        raise UserError(f"{flag} {path} holds no state_dict ('model', 'state_dict', 'net' or bare); pass a model's")
     return {k.removeprefix("module."): v for k, v in sd.items()}
 
 
@@ -134,8 +196,82 @@ def load_weights(model, state_dict, what):   # strict, naming the first wrong te
                    if name not in own else None if state_dict[name].shape == own[name].shape else
                    f"has shape {tuple(state_dict[name].shape)} in the checkpoint but {tuple(own[name].shape)} here")
         if problem:
-            raise ValueError(f"{what}: tensor '{name}' {problem}; check the model name and the number of classes")
+            raise UserError(f"{what}: tensor '{name}' {problem}; check the model name and the number of classes")
     model.load_state_dict(state_dict)
+
+
+FREE = {"out", "resume", "overwrite", "epochs", "finetune_epochs", "stop_after", "workers", "data_dir", "download",
+        "skip_bad_images"}
+
+
+def make_out(path):   # creates --out (and its parents), or stops with one line
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--out {path} cannot be created ({e.strerror}); pass a folder you can write") from None
+    if not os.access(path, os.W_OK):
+        raise UserError(f"--out {path} is not writable; pass a folder you can write")
+
+
+def run_info(world_size, device):   # what results.json records about where it ran
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=os.path.dirname(
+        os.path.abspath(__file__))).stdout.strip() if shutil.which("git") else ""
+    return {"torch": torch.__version__, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else
+            platform.processor() or platform.machine(), "world_size": world_size, "git_commit": commit or None}
+
+
+def open_run(args, rank):
+    """--out and --resume -> the checkpoint to continue from, or None. A folder holding a run needs --resume (continue)
+    or --overwrite (start afresh); --resume on an empty or new folder starts afresh, so one command serves the first
+    launch and every restart. Refuses a resume whose arguments changed (all but FREE); drops stale temporary files,
+    log lines after the checkpoint and a cut-off last line. Every rank reads the checkpoint; rank 0 edits the folder."""
+    if not args.out or args.resume and args.overwrite:
+        if args.resume:
+            raise UserError("--resume continues the run in --out; pass --out" if not args.out else
+                            "--resume continues the run in --out, --overwrite replaces it: pass one of them")
+        return None
+    args.world_size = int(os.environ.get("WORLD_SIZE", 1))   # saved with the args: a resume on other processes differs
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise UserError(f"--out {args.out} is a file; pass a folder (it is created if missing)")
+    held = [f for f in ("checkpoint.pt", "log.jsonl", "results.json") if os.path.exists(os.path.join(args.out, f))]
+    if held and not (args.resume or args.overwrite):
+        raise UserError(f"--out {args.out} holds a run ({', '.join(held)}); pass --resume to continue it, --overwrite "
+                        "to start afresh, or another --out")
+    path = os.path.join(args.out, "checkpoint.pt")
+    ckpt = read_checkpoint(path, "--resume") if args.resume and "checkpoint.pt" in held else None
+    if ckpt is not None and not (isinstance(ckpt, dict) and {"args", "epoch"} <= set(ckpt)):
+        raise UserError(f"--resume: {path} was not written by this script (no args, epoch); pass another --out")
+    if ckpt is not None:
+        changed = sorted(k for k in {**ckpt["args"], **vars(args)} if k not in FREE and
+                         ckpt["args"].get(k) != vars(args).get(k))
+        if changed:
+            raise UserError("--resume: the run in --out was started with other " + ", ".join(
+                f"{'processes' if k == 'world_size' else '--' + k.replace('_', '-')} ({ckpt['args'].get(k)} there, "
+                f"{vars(args).get(k)} now)" for k in changed)
+                + "; pass the same ones, or another --out")
+    if rank == 0:
+        make_out(args.out)
+        for name in os.listdir(args.out):
+            if ".tmp" in name:   # left by a write that was killed
+                os.remove(os.path.join(args.out, name))
+        if ckpt is None:
+            for name in held:
+                os.remove(os.path.join(args.out, name))
+            print(f"{args.out}: a fresh run{' (--resume found no checkpoint)' if args.resume else ''}", flush=True)
+        else:
+            lines = open(os.path.join(args.out, "log.jsonl")).readlines() if "log.jsonl" in held else []
+            keep = []
+            for line in lines:   # the epochs the checkpoint holds, without a line cut short or garbled by a crash
+                try:
+                    keep += [line] if line.endswith("\n") and json.loads(line)["epoch"] < ckpt["epoch"] else []
+                except (ValueError, KeyError, TypeError):
+                    pass
+            write_text("".join(keep), os.path.join(args.out, "log.jsonl"))
+            print(f"resuming {args.out} after epoch {ckpt['epoch']}", flush=True)
+            if ckpt["args"]["epochs"] != args.epochs:
+                print(f"warning: --epochs {args.epochs} (was {ckpt['args']['epochs']}): a schedule that depends on it "
+                      "follows the new length in the epochs left, unlike a run started with it", flush=True)
+    return ckpt
 # ---- end shared --------------------------------------------------------------------------------------------------
 
 
@@ -236,16 +372,12 @@ class MetaBaseline(nn.Module):
         return logits.reshape(-1, way), features
 
 
-def read_weights(path):
+def read_weights(path, flag):
     """A checkpoint's state_dict in this script's names: ours, or Meta-Baseline's / the official code's
-    {"model_sd": ...} (classifier.linear.* → head.*, temp → scale)."""
-    try:
-        raw = torch.load(path, map_location="cpu", weights_only=False) if os.path.isfile(path) else None
-    except Exception as error:
-        raise ValueError(f"{path} is not a PyTorch checkpoint ({type(error).__name__}); pass a checkpoint written "
-                         "by fewshot.py") from error
+    {"model_sd": ..., "config": ..., "training": ...} (classifier.linear.* → head.*, temp → scale), weights only."""
+    raw = read_checkpoint(path, flag)
     if not (isinstance(raw, dict) and isinstance(raw.get("model_sd"), dict)):
-        return load_state_dict(path)                                       # ours (or a missing file: says so)
+        return load_state_dict(path, flag)                                 # ours, or a bare / {"state_dict"} one
     state = {}
     for name, tensor in raw["model_sd"].items():
         for old, new in (("classifier.linear.", "head."), ("temp", "scale")):
@@ -254,10 +386,11 @@ def read_weights(path):
     return state
 
 
-def encoder_weights(state, path):
-    encoder = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
+def encoder_weights(path, flag):   # the encoder.* tensors of a checkpoint of either stage, without the prefix
+    encoder = {k[len("encoder."):]: v for k, v in read_weights(path, flag).items() if k.startswith("encoder.")}
     if not encoder:
-        raise ValueError(f"{path} holds no 'encoder.*' tensors; pass a checkpoint written by fewshot.py (either stage)")
+        raise UserError(f"{flag} {path} holds no 'encoder.*' tensors; pass a checkpoint of fewshot.py or Meta-Baseline "
+                        "(either stage)")
     return encoder
 
 
@@ -268,15 +401,15 @@ def load_teacher(args, num_classes, device):
     encoder = MODELS[args.teacher](args.width)
     teacher = Classifier(encoder, num_classes) if args.stage == "classifier" else MetaBaseline(encoder)
     if args.teacher_ckpt and args.stage == "classifier":
-        state = read_weights(args.teacher_ckpt)
+        state = read_weights(args.teacher_ckpt, "--teacher-ckpt")
         if "head.weight" not in state:
-            raise ValueError(f"{args.teacher_ckpt} has no linear head; the classifier stage needs a classifier-stage "
-                             "teacher")
+            raise UserError(f"--teacher-ckpt {args.teacher_ckpt} has no linear head; the classifier stage needs a "
+                            "classifier-stage teacher")
         load_weights(teacher, {k: v for k, v in state.items() if k.startswith(("encoder.", "head."))},
-                     f"teacher {args.teacher_ckpt}")
+                     f"--teacher-ckpt {args.teacher_ckpt}")
     elif args.teacher_ckpt:
-        load_weights(encoder, encoder_weights(read_weights(args.teacher_ckpt), args.teacher_ckpt),
-                     f"teacher {args.teacher_ckpt}")
+        load_weights(encoder, encoder_weights(args.teacher_ckpt, "--teacher-ckpt"),
+                     f"--teacher-ckpt {args.teacher_ckpt}")
     return teacher.to(device, memory_format=layout(device)).eval().requires_grad_(False)
 
 
@@ -294,11 +427,14 @@ def load_split(data_dir, split, image_size):
     pickle_path = os.path.join(data_dir, f"miniImageNet_category_split_{name}.pickle")
     folder = os.path.join(data_dir, split)
     if os.path.isfile(pickle_path):
-        with open(pickle_path, "rb") as f:
-            pack = pickle.load(f, encoding="latin1")
+        try:
+            with open(pickle_path, "rb") as f:
+                pack = pickle.load(f, encoding="latin1")
+        except Exception:   # truncated or not a pickle
+            pack = None
         if not isinstance(pack, dict) or "data" not in pack or "labels" not in pack:
-            raise ValueError(f"{pickle_path} is not a miniImageNet pickle (a dict with 'data' and 'labels'); "
-                             "re-download it")
+            raise UserError(f"{pickle_path} is not a miniImageNet pickle (a dict with 'data' and 'labels'); "
+                            "re-download it")
         images = torch.from_numpy(np.ascontiguousarray(pack["data"])).permute(0, 3, 1, 2)   # (N, 3, 84, 84)
         labels = np.asarray(pack["labels"])
     elif os.path.isdir(folder):
@@ -306,15 +442,19 @@ def load_split(data_dir, split, image_size):
         arrays, labels = [], []
         for k, name in enumerate(classes):
             for file in sorted(os.listdir(os.path.join(folder, name))):
-                with Image.open(os.path.join(folder, name, file)) as img:
-                    arrays.append(np.asarray(resize_center_crop(img.convert("RGB"), image_size)))
+                try:   # every image is decoded here, before training: an unreadable one stops the run, named
+                    with Image.open(os.path.join(folder, name, file)) as img:
+                        arrays.append(np.asarray(resize_center_crop(img.convert("RGB"), image_size)))
+                except (OSError, ValueError) as e:
+                    raise UserError(f"cannot read the image {os.path.join(folder, name, file)} ({e}); replace or "
+                                    "remove it") from None
                 labels.append(k)
         if not arrays:
-            raise FileNotFoundError(f"{folder} holds no class folders with images; expected {folder}/<class>/<image>")
+            raise UserError(f"{folder} holds no class folders with images; expected {folder}/<class>/<image>")
         images, labels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2), np.asarray(labels)
     else:
-        raise FileNotFoundError(f"the {split} split is missing: neither {pickle_path} nor the folder {folder} exists; "
-                                "point --data-dir at the miniImageNet pickles or at a folder with train/ val/ test/")
+        raise UserError(f"the {split} split is missing: neither {pickle_path} nor the folder {folder} exists; "
+                        "point --data-dir at the miniImageNet pickles or at a folder with train/ val/ test/")
     if images.shape[-2:] != (image_size, image_size):                     # 84 → 80 as Meta-Baseline's Resize(80)
         images = torch.cat([F.interpolate(chunk.float(), size=(image_size, image_size), mode="bilinear",
                                           antialias=True, align_corners=False).round().clamp(0, 255).to(torch.uint8)
@@ -341,12 +481,12 @@ def images_by_class(labels):
 
 def check_episodes(split, per_class, way, images_per_class):
     if len(per_class) < way:
-        raise ValueError(f"the {split} split has {len(per_class)} classes, fewer than the {way} an episode needs; "
-                         "lower --way or use a larger split")
+        raise UserError(f"the {split} split has {len(per_class)} classes, fewer than the {way} an episode needs; "
+                        "lower --way or use a larger split")
     smallest = min(len(c) for c in per_class)
     if smallest < images_per_class:
-        raise ValueError(f"a class of the {split} split has only {smallest} images, but an episode needs shot + query "
-                         f"= {images_per_class} per class; lower --query or use a larger split")
+        raise UserError(f"a class of the {split} split has only {smallest} images, but an episode needs shot + query "
+                        f"= {images_per_class} per class; lower --query or use a larger split")
 
 
 def sample_episode(rng, per_class, way, shot, query):
@@ -471,8 +611,15 @@ def loss_terms(args, epoch, student_out, teacher_out, labels):
 # ---- training and evaluation -----------------------------------------------------------------------------------------
 
 def lr_at(args, epoch):
-    """Classifier stage: lr, ×0.1 from --lr-decay-epoch on (90 of 100); meta stage: fixed."""
-    return args.lr * (0.1 if args.lr_decay_epoch is not None and epoch >= args.lr_decay_epoch else 1.0)
+    """Classifier stage: lr, ×0.1 from --lr-decay-epoch on (default 0.9·epochs, 90 of 100); meta stage: fixed,
+    unless --lr-decay-epoch is given."""
+    decay = args.lr_decay_epoch if args.lr_decay_epoch is not None or args.stage == "meta" else int(0.9 * args.epochs)
+    return args.lr * (0.1 if decay is not None and epoch >= decay else 1.0)
+
+
+def step_images(args, world_size):   # images of one training step over all processes
+    return world_size * (args.batch_size if args.stage == "classifier" else
+                         args.episodes_per_batch * args.way * (args.shot + args.query))
 
 
 def train_one_epoch(args, model, teacher, optimizer, train, epoch, rank, world_size, device, max_steps=None):
@@ -486,6 +633,10 @@ def train_one_epoch(args, model, teacher, optimizer, train, epoch, rank, world_s
                episode_batches(train, args, epoch, rank, device, max_steps or args.batches_per_epoch))
     model.train()
     sums, correct, beta_sums, steps, labelled, seen = {}, 0, 0, 0, 0, 0
+    total = (math.ceil(len(train[1]) // world_size / args.batch_size) if args.stage == "classifier" else
+             args.batches_per_epoch)                                       # steps of a whole epoch
+    progress = Progress(rank, min(total, max_steps or total), step_images(args, world_size),
+                        args.epochs - epoch if max_steps is None else 1)
     start = time.time()
     for images, labels, shape in batches:
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
@@ -506,6 +657,7 @@ def train_one_epoch(args, model, teacher, optimizer, train, epoch, rank, world_s
             sums[name] = sums.get(name, 0) + value.detach()
         correct = correct + common.topk_correct(student_out[0].float(), labels, topk=(1,))[0]
         steps, labelled, seen = steps + 1, labelled + len(labels), seen + len(images)
+        progress.step(steps)                                               # host clocks only
         if steps == max_steps:
             break
     # every process ran as many steps on as many images: divide the sums over processes by world_size·(own counts)
@@ -541,7 +693,7 @@ def mean_ci(accuracies):
     """(mean %, 95% confidence interval %) = 100·mean, 100·1.96·std/sqrt(n) (sample std, ddof 1)."""
     a = np.asarray(accuracies, dtype=np.float64)
     std = a.std(ddof=1) if len(a) > 1 else 0.0
-    return 100 * a.mean(), 100 * 1.96 * std / math.sqrt(len(a))
+    return float(100 * a.mean()), float(100 * 1.96 * std / math.sqrt(len(a)))   # Python floats: weights-only loads
 
 
 @torch.no_grad()
@@ -569,13 +721,26 @@ def evaluate(args, encoder, split, episodes, rank, world_size, device):
 def save_results(args, results, rank, world_size, start_time):
     """Adds the run's fields to the test results, prints them and writes <out>/results.json (rank 0)."""
     results.update(split=args.eval_split, episodes=args.test_episodes, seconds=time.time() - start_time,
-                   world_size=world_size, args=vars(args))
+                   **run_info(world_size, torch.device("cuda" if torch.cuda.is_available() else "cpu")),
+                   args=vars(args))
     if rank == 0:
         print(f"{args.eval_split} ({args.test_episodes} episodes): 1-shot {results['1shot']:.2f} ± "
               f"{results['1shot_ci']:.2f}  5-shot {results['5shot']:.2f} ± {results['5shot_ci']:.2f}", flush=True)
         if args.out:
             write_text(json.dumps(results, indent=2), os.path.join(args.out, "results.json"))
     return results
+
+
+def open_output(args, rank):
+    """--eval-only and --benchmark write only results.json / benchmark.json: into any folder but a training run's
+    (its results.json would be replaced), created if missing; no open_run, no checkpoint. Returns None."""
+    if args.out and os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise UserError(f"--out {args.out} is a file; pass a folder (it is created if missing)")
+    if args.out and any(os.path.exists(os.path.join(args.out, f)) for f in ("checkpoint.pt", "log.jsonl")):
+        raise UserError(f"--out {args.out} holds a training run; pass another --out for the "
+                        f"{'--eval-only' if args.eval_only else '--benchmark'} results")
+    if args.out and rank == 0:
+        make_out(args.out)
 
 
 # ---- main ------------------------------------------------------------------------------------------------------------
@@ -585,12 +750,11 @@ def main(args):
     try:
         start_time = time.time()
         torch.backends.cudnn.benchmark = True                 # fixed image sizes: cuDNN picks its fastest kernels once
-        if args.out and rank == 0:
-            os.makedirs(args.out, exist_ok=True)
+        ckpt = open_output(args, rank) if args.eval_only or args.benchmark else open_run(args, rank)
         train, val, test = load_data(args, rank, world_size, device)
         if args.eval_only:   # the encoder of a checkpoint of either stage (ours, Meta-Baseline's, the official code's)
             encoder = MODELS[args.model](args.width).to(device, memory_format=layout(device))
-            load_weights(encoder, encoder_weights(read_weights(args.eval_only), args.eval_only), "--eval-only")
+            load_weights(encoder, encoder_weights(args.eval_only, "--eval-only"), f"--eval-only {args.eval_only}")
             results = evaluate(args, encoder, test, args.test_episodes, rank, world_size, device)
             return save_results(args, {**results, "checkpoint": args.eval_only}, rank, world_size, start_time)
 
@@ -598,14 +762,13 @@ def main(args):
         torch.manual_seed(args.seed)                          # the same student initialisation for every loss
         encoder = MODELS[args.model](args.width)
         if args.init:                                         # meta stage: the encoder of a classifier-stage run
-            load_weights(encoder, encoder_weights(read_weights(args.init), args.init), f"--init {args.model}")
+            load_weights(encoder, encoder_weights(args.init, "--init"), f"--init {args.init} as {args.model}")
         raw_model = Classifier(encoder, num_classes) if args.stage == "classifier" else MetaBaseline(encoder)
         raw_model.to(device, memory_format=layout(device))
         teacher = load_teacher(args, num_classes, device) if args.loss != "ce" else None
         model = raw_model if world_size == 1 else DDP(raw_model, device_ids=[device] if device.type == "cuda" else None)
         optimizer = torch.optim.SGD(raw_model.parameters(), lr=args.lr, momentum=0.9, weight_decay=args.weight_decay)
-        images_per_step = world_size * (args.batch_size if args.stage == "classifier" else
-                                        args.episodes_per_batch * args.way * (args.shot + args.query))
+        images_per_step = step_images(args, world_size)
         source = args.teacher if teacher is not None else "labels"
         if rank == 0:
             print(f"{args.stage} stage: {args.model} <- {source} ({args.loss}), {num_classes} classes, "
@@ -630,13 +793,10 @@ def main(args):
             return result
 
         start_epoch, best = 0, {"top1": -1.0, "epoch": -1}
-        if args.resume:
-            ckpt = torch.load(os.path.join(args.out, "checkpoint.pt"), map_location="cpu", weights_only=False)
-            load_weights(raw_model, ckpt["model"], "--resume")
+        if ckpt is not None:                                  # --resume: open_run checked the arguments
+            load_weights(raw_model, ckpt["model"], f"--resume {args.out}")
             optimizer.load_state_dict(ckpt["optimizer"])
             start_epoch, best = ckpt["epoch"], ckpt["best"]
-            if rank == 0:
-                trim_log(args.out, start_epoch)
         select = f"{args.shot if args.shot in (1, 5) else 1}shot"   # val at the training shot, as Meta-Baseline
         for epoch in range(start_epoch, args.epochs):
             epoch_start = time.time()
@@ -666,10 +826,10 @@ def main(args):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("data")
-    g.add_argument("--data-dir", default="data/miniimagenet", help="miniImageNet pickles, or train/ val/ test/ folders")
+    g.add_argument("--data-dir", default="data/miniimagenet", help="miniImageNet pickles, or train/ val/ test/ folders "
+                   "(all images are read at the start: an unreadable one stops the run with its path)")
     g.add_argument("--image-size", type=int, default=80, help="images are resized to this square (84 in the paper)")
     g.add_argument("--out", default=None, help="output directory (log.jsonl, results.json, checkpoint.pt)")
     g = p.add_argument_group("model and stage")
@@ -708,17 +868,17 @@ def parse_args(argv=None):
     g.add_argument("--tau", type=float, default=None, help="AdaptConf β temperature (default 8 classifier, 0.25 meta)")
     g.add_argument("--alpha-max", type=float, default=0.5, help="AugConf final α")
     g = p.add_argument_group("run")
-    g.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
+    g.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt (none there: start afresh)")
+    g.add_argument("--overwrite", action="store_true", help="start afresh in a non-empty --out")
     g.add_argument("--eval-only", default=None, metavar="CKPT", help="evaluate this checkpoint's encoder, no training")
     g.add_argument("--benchmark", type=int, default=0, metavar="STEPS", help="time STEPS training steps on random "
                    "images (random weights for a teacher without --teacher-ckpt, a meta student without --init)")
     args = p.parse_args(argv)
+    check_numbers(p, args)
     defaults = {"classifier": dict(epochs=100, lr=0.1, tau=8.0), "meta": dict(epochs=20, lr=1e-3, tau=0.25)}
     for name, value in defaults[args.stage].items():   # Meta-Baseline's and the official code's, per stage
         if getattr(args, name) is None:
             setattr(args, name, value)
-    if args.lr_decay_epoch is None and args.stage == "classifier":
-        args.lr_decay_epoch = int(0.9 * args.epochs)
     if args.init and args.stage == "classifier":
         p.error("--init is for the meta stage; the classifier stage trains from scratch")
     if args.stage == "meta" and not (args.init or args.eval_only or args.benchmark):
@@ -727,10 +887,8 @@ def parse_args(argv=None):
         p.error(f"--loss {args.loss} learns from a teacher; pass --teacher and --teacher-ckpt")
     if args.loss == "ce" and args.gt_weight == 0:
         p.error("--loss ce --gt-weight 0 leaves nothing to learn from; pass a --gt-weight above 0")
-    if args.tau <= 0 or args.kd_T <= 0:
-        p.error("--tau and --kd-T are temperatures; pass positive values")
-    if args.resume and not (args.out and os.path.isfile(os.path.join(args.out, "checkpoint.pt"))):
-        p.error("--resume continues from <out>/checkpoint.pt, which does not exist; pass the --out of the run")
+    if (args.eval_only or args.benchmark) and (args.resume or args.overwrite):
+        p.error("--resume and --overwrite are for training runs; --eval-only and --benchmark only write their results")
     return args
 
 

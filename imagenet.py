@@ -24,6 +24,9 @@ import itertools
 import json
 import math
 import os
+import platform
+import shutil
+import subprocess
 import sys
 import time
 
@@ -39,8 +42,45 @@ from torchvision import transforms
 from common import (FeatureRegressor, ReviewKDFusion, adaptconf_beta, adaptconf_loss, augconf_alpha, augconf_loss,
                     beta_counts, beta_summary, dkd_loss, hcl_loss, hint_loss, kd_loss, rkd_loss, topk_correct)
 
-# ---- shared: DDP, seeding, logging, checkpoints ------------------------------------------------------------------
+# ---- shared: DDP, seeding, logging, checkpoints, errors ----------------------------------------------------------
 # Copied on purpose, identically, into every script (tests/test_copies.py keeps the copies equal): edit all together.
+
+class UserError(SystemExit):
+    """A mistake in the command line or in a file it names: Python prints this one line, no traceback, and exits 1.
+    Under torchrun, ranks other than 0 wait 5 s first: when rank 0 fails too, torchrun stops them before they repeat."""
+    def __init__(self, message):
+        if int(os.environ.get("RANK", 0)) > 0:
+            time.sleep(5)
+        super().__init__(f"{os.path.basename(sys.argv[0])}: error: {message}")
+
+
+class Parser(argparse.ArgumentParser):   # argparse's errors as one UserError line (no usage block, no repeat per rank)
+    def error(self, message):
+        raise UserError(message)
+
+
+POSITIVE = {"epochs", "batch_size", "lr", "blr", "finetune_lr", "tau", "kd_T", "dkd_T", "image_size", "width", "way",
+            "shot", "query", "episodes_per_batch", "batches_per_epoch", "val_episodes", "test_episodes", "knn_k",
+            "crop_fraction"}
+FRACTION = {"noise_rate", "select_quantile", "pair_quantile", "label_smoothing", "drop_path", "crop_fraction",
+            "alpha_max"}
+
+
+def check_numbers(p, args):
+    """The same rule in every script: every number finite, counts/sizes/rates/temperatures > 0, fractions in [0, 1],
+    everything else (weights, subsets, seeds, warm-ups, workers, --benchmark) >= 0; the warm-up shorter than the run."""
+    for name, value in vars(args).items():
+        flag = "--" + name.replace("_", "-")
+        for v in value if isinstance(value, list) else [value]:
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                continue
+            if not math.isfinite(v) or v < 0 or (name in POSITIVE and v == 0) or (name in FRACTION and v > 1):
+                rule = {(1, 1): "in (0, 1]", (1, 0): "> 0", (0, 1): "in [0, 1]"}.get(
+                    (name in POSITIVE, name in FRACTION), ">= 0")
+                p.error(f"{flag} must be {rule} and finite, got {v}")
+    if getattr(args, "warmup_epochs", None) and args.epochs is not None and args.warmup_epochs >= args.epochs:
+        p.error(f"--warmup-epochs {args.warmup_epochs} must be below --epochs {args.epochs}, or the lr never peaks")
+
 
 def setup_distributed():
     """(rank, world_size, device). torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; plain `python` is rank 0 of 1."""
@@ -50,7 +90,11 @@ def setup_distributed():
     device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    store, restart = None, os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    if restart != "0" and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":   # torchrun restarted the workers:
+        store = dist.PrefixStore(f"restart{restart}", dist.TCPStore(   # its store still holds the addresses of the
+            os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=False))   # killed ones
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=rank, world_size=world_size)
     return rank, world_size, device
 
 
@@ -88,6 +132,20 @@ def check_finite(means, epoch):   # epoch means, equal on all processes: all sto
                                  "data and the teacher checkpoint")
 
 
+class Progress:   # rank 0: a line every `every` s inside an epoch (step, images/s, ETA), read from host clocks only
+    def __init__(self, rank, steps, images_per_step, epochs_left=1, every=30.0):
+        self.on, self.steps, self.images, self.left, self.every = rank == 0, steps, images_per_step, epochs_left, every
+        self.start = self.last = time.time()
+
+    def step(self, done):   # after `done` steps of this epoch
+        now = time.time()
+        if self.on and now - self.last >= self.every and done < self.steps:
+            self.last, rate = now, done / max(now - self.start, 1e-6)
+            eta = (self.steps - done) / rate
+            print(f"  step {done}/{self.steps}  {rate * self.images:.0f} images/s  epoch ends in {eta / 60:.1f} min, "
+                  f"the run in {(eta + (self.left - 1) * self.steps / rate) / 60:.1f} min", flush=True)
+
+
 def log_record(out_dir, record):
     """Prints one readable line and appends the same fields as one JSON line to <out_dir>/log.jsonl (rank 0 only)."""
     print("  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
@@ -95,12 +153,6 @@ def log_record(out_dir, record):
     if out_dir:
         with open(os.path.join(out_dir, "log.jsonl"), "a") as f:
             f.write(json.dumps(record) + "\n")
-
-
-def trim_log(out_dir, start_epoch):   # on resume: drops the log lines written after the checkpoint
-    path = os.path.join(out_dir, "log.jsonl")
-    with open(path) if os.path.exists(path) else open(os.devnull) as f:
-        write_text("".join(line for line in f if line.strip() and json.loads(line)["epoch"] < start_epoch), path)
 
 
 def write_text(text, path):   # to a temporary name, then renamed: a killed run never leaves a half-written file
@@ -114,16 +166,26 @@ def save_atomic(obj, path):   # torch.save to a temporary name, then renamed, as
     os.replace(path + ".tmp", path)
 
 
-def load_state_dict(path):
+def read_checkpoint(path, flag):   # torch.load(weights_only=True): tensors and plain data only, a file cannot run code
+    if not os.path.isfile(path):
+        raise UserError(f"{flag} {path} is {'a folder' if os.path.isdir(path) else 'missing'}; pass a checkpoint file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        why = (f"{type(e).__name__}: {(str(e).strip() or 'empty or cut short').splitlines()[0][:120]}; pass an "
+               "intact file of tensors") if "Weights only load failed" not in str(e) else ("it holds Python objects "
+               "besides tensors, which could run code; if you trust it, save its state_dict alone with torch.save")
+        raise UserError(f"{flag} {path} is not a readable weights-only PyTorch checkpoint ({why})") from None
+
+
+def load_state_dict(path, flag):
     """The state_dict in a checkpoint of ours, RepDistiller, mdistiller, the official code or torchvision/timm:
     {"model": sd}, {"state_dict": sd}, {"net": sd} or a bare sd, "module." prefixes removed."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path} does not exist; pass the path of a trained model's checkpoint")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt = read_checkpoint(path, flag)
     sd = next((ckpt[k] for k in ("model", "state_dict", "net") if isinstance(ckpt, dict)
                and isinstance(ckpt.get(k), dict)), ckpt)
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise ValueError(f"{path} holds no state_dict ('model', 'state_dict', 'net' or bare); pass a model checkpoint")
+        raise UserError(f"{flag} {path} holds no state_dict ('model', 'state_dict', 'net' or bare); pass a model's")
     return {k.removeprefix("module."): v for k, v in sd.items()}
 
 
@@ -134,8 +196,82 @@ def load_weights(model, state_dict, what):   # strict, naming the first wrong te
                    if name not in own else None if state_dict[name].shape == own[name].shape else
                    f"has shape {tuple(state_dict[name].shape)} in the checkpoint but {tuple(own[name].shape)} here")
         if problem:
-            raise ValueError(f"{what}: tensor '{name}' {problem}; check the model name and the number of classes")
+            raise UserError(f"{what}: tensor '{name}' {problem}; check the model name and the number of classes")
     model.load_state_dict(state_dict)
+
+
+FREE = {"out", "resume", "overwrite", "epochs", "finetune_epochs", "stop_after", "workers", "data_dir", "download",
+        "skip_bad_images"}
+
+
+def make_out(path):   # creates --out (and its parents), or stops with one line
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--out {path} cannot be created ({e.strerror}); pass a folder you can write") from None
+    if not os.access(path, os.W_OK):
+        raise UserError(f"--out {path} is not writable; pass a folder you can write")
+
+
+def run_info(world_size, device):   # what results.json records about where it ran
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=os.path.dirname(
+        os.path.abspath(__file__))).stdout.strip() if shutil.which("git") else ""
+    return {"torch": torch.__version__, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else
+            platform.processor() or platform.machine(), "world_size": world_size, "git_commit": commit or None}
+
+
+def open_run(args, rank):
+    """--out and --resume -> the checkpoint to continue from, or None. A folder holding a run needs --resume (continue)
+    or --overwrite (start afresh); --resume on an empty or new folder starts afresh, so one command serves the first
+    launch and every restart. Refuses a resume whose arguments changed (all but FREE); drops stale temporary files,
+    log lines after the checkpoint and a cut-off last line. Every rank reads the checkpoint; rank 0 edits the folder."""
+    if not args.out or args.resume and args.overwrite:
+        if args.resume:
+            raise UserError("--resume continues the run in --out; pass --out" if not args.out else
+                            "--resume continues the run in --out, --overwrite replaces it: pass one of them")
+        return None
+    args.world_size = int(os.environ.get("WORLD_SIZE", 1))   # saved with the args: a resume on other processes differs
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise UserError(f"--out {args.out} is a file; pass a folder (it is created if missing)")
+    held = [f for f in ("checkpoint.pt", "log.jsonl", "results.json") if os.path.exists(os.path.join(args.out, f))]
+    if held and not (args.resume or args.overwrite):
+        raise UserError(f"--out {args.out} holds a run ({', '.join(held)}); pass --resume to continue it, --overwrite "
+                        "to start afresh, or another --out")
+    path = os.path.join(args.out, "checkpoint.pt")
+    ckpt = read_checkpoint(path, "--resume") if args.resume and "checkpoint.pt" in held else None
+    if ckpt is not None and not (isinstance(ckpt, dict) and {"args", "epoch"} <= set(ckpt)):
+        raise UserError(f"--resume: {path} was not written by this script (no args, epoch); pass another --out")
+    if ckpt is not None:
+        changed = sorted(k for k in {**ckpt["args"], **vars(args)} if k not in FREE and
+                         ckpt["args"].get(k) != vars(args).get(k))
+        if changed:
+            raise UserError("--resume: the run in --out was started with other " + ", ".join(
+                f"{'processes' if k == 'world_size' else '--' + k.replace('_', '-')} ({ckpt['args'].get(k)} there, "
+                f"{vars(args).get(k)} now)" for k in changed)
+                + "; pass the same ones, or another --out")
+    if rank == 0:
+        make_out(args.out)
+        for name in os.listdir(args.out):
+            if ".tmp" in name:   # left by a write that was killed
+                os.remove(os.path.join(args.out, name))
+        if ckpt is None:
+            for name in held:
+                os.remove(os.path.join(args.out, name))
+            print(f"{args.out}: a fresh run{' (--resume found no checkpoint)' if args.resume else ''}", flush=True)
+        else:
+            lines = open(os.path.join(args.out, "log.jsonl")).readlines() if "log.jsonl" in held else []
+            keep = []
+            for line in lines:   # the epochs the checkpoint holds, without a line cut short or garbled by a crash
+                try:
+                    keep += [line] if line.endswith("\n") and json.loads(line)["epoch"] < ckpt["epoch"] else []
+                except (ValueError, KeyError, TypeError):
+                    pass
+            write_text("".join(keep), os.path.join(args.out, "log.jsonl"))
+            print(f"resuming {args.out} after epoch {ckpt['epoch']}", flush=True)
+            if ckpt["args"]["epochs"] != args.epochs:
+                print(f"warning: --epochs {args.epochs} (was {ckpt['args']['epochs']}): a schedule that depends on it "
+                      "follows the new length in the epochs left, unlike a run started with it", flush=True)
+    return ckpt
 # ---- end shared --------------------------------------------------------------------------------------------------
 
 
@@ -187,7 +323,7 @@ def forward_features(model, x):
     for stage in stages:
         x = stage(x)
         feats.append(x)
-    pooled = pool(x).flatten(1)
+    pooled = pool(x.float()).flatten(1)   # float32: the head and RKD read it
     with torch.autocast(x.device.type, enabled=False):   # float32 logits: β (Eq. 2) reads their top class, and bf16
         logits = model.fc(pooled.float())                 # ties in it would inflate the β = 0.5 fraction
     return logits, feats, pooled
@@ -232,7 +368,8 @@ def load_teacher(args, num_classes):
     with neither, which only --benchmark allows. Every failure stops here, before the student is built."""
     teacher = MODELS[args.teacher](num_classes=num_classes).eval().requires_grad_(False)
     if args.teacher_ckpt:
-        state_dict, what = load_state_dict(args.teacher_ckpt), f"teacher checkpoint {args.teacher_ckpt}"
+        what = f"--teacher-ckpt {args.teacher_ckpt}"
+        state_dict = load_state_dict(args.teacher_ckpt, "--teacher-ckpt")
         classes = len(state_dict["fc.weight"]) if "fc.weight" in state_dict else num_classes
     elif args.teacher_weights:   # the class count is known offline, before the download
         weights = torchvision.models.get_model_weights(args.teacher)[args.teacher_weights]
@@ -240,29 +377,52 @@ def load_teacher(args, num_classes):
     else:
         return teacher
     if classes != num_classes:
-        raise SystemExit(f"the teacher ({what}) predicts {classes} classes but the data has {num_classes}; use a "
-                         "teacher trained on the same class folders")
+        raise UserError(f"the teacher ({what}) predicts {classes} classes but the data has {num_classes}; use a "
+                        "teacher trained on the same class folders")
     if args.teacher_weights:   # downloads (once) into the torch hub cache
         try:
             state_dict = weights.get_state_dict(progress=False)
         except Exception as err:   # offline, proxy, corrupt cache: one sentence, before any training
-            raise SystemExit(f"could not download {what} ({err}); run where the network is reachable or pass "
-                             "--teacher-ckpt") from err
+            raise UserError(f"could not download {what} ({err}); run where the network is reachable or pass "
+                            "--teacher-ckpt") from err
     load_weights(teacher, state_dict, what)
     return teacher
 
 
 # ---- data: ImageFolder trees, or one synthetic batch for --benchmark ---------------------------------------------
 
-def image_folder(root, split, transform):
-    path = os.path.join(root, split)
+class BadImage(Exception):   # raised in a DataLoader worker, where a UserError (a SystemExit) would not be caught
+    pass
+
+
+class Images(torchvision.datasets.ImageFolder):
+    """ImageFolder whose unreadable files (truncated, empty, not an image) raise BadImage with their path, or with
+    skip=True are flagged in `bad` (shared with the DataLoader workers, counted by main) and replaced by the next."""
+
+    def __init__(self, root, transform, skip):
+        super().__init__(root, transform=transform)
+        self.skip, self.bad = skip, torch.zeros(len(self.samples), dtype=torch.bool).share_memory_()
+
+    def __getitem__(self, index):
+        path, label = self.samples[index]
+        try:
+            image = self.loader(path)
+        except Exception as err:   # PIL: OSError "Truncated File Read", UnidentifiedImageError, ...
+            self.bad[index] = True
+            if not self.skip or self.bad.all():
+                raise BadImage(f"{path} ({type(err).__name__}: {err})") from None
+            return self[(index + 1) % len(self)]
+        return self.transform(image), label
+
+
+def image_folder(args, split, transform):
+    path = os.path.join(args.data_dir, split)
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"no {split}/ folder in --data-dir {root}; expected {path}/<class>/<image>.JPEG")
+        raise UserError(f"no {split}/ folder in --data-dir {args.data_dir}; expected {path}/<class>/<image>.JPEG")
     try:
-        return torchvision.datasets.ImageFolder(path, transform=transform)
+        return Images(path, transform, args.skip_bad_images)
     except FileNotFoundError as err:   # ImageFolder's own message names neither the flag nor the layout
-        raise FileNotFoundError(f"{path} holds no class folders with images ({err}); expected "
-                                f"{path}/<class>/<image>.JPEG") from None
+        raise UserError(f"{path} holds no class folders with images ({err}); expected {path}/<class>/<image>.JPEG")
 
 
 def to_device(images, labels, device):
@@ -282,12 +442,12 @@ def load_data(args, rank, world_size, device):
         labels = torch.randint(0, 1000, (args.batch_size,), generator=gen)
         return [to_device(images, labels, device)] * max(args.benchmark, 5), None, 1000
     if not os.path.isdir(args.data_dir):
-        raise FileNotFoundError(f"--data-dir {args.data_dir} does not exist; point it at a folder holding "
-                                "train/<class>/*.JPEG and val/<class>/*.JPEG")
+        raise UserError(f"--data-dir {args.data_dir} does not exist; point it at a folder holding "
+                        "train/<class>/*.JPEG and val/<class>/*.JPEG")
     normalize = transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))   # ImageNet's mean and std
     eval_tf = transforms.Compose([transforms.Resize(int(args.image_size / args.crop_fraction)),
                                   transforms.CenterCrop(args.image_size), transforms.ToTensor(), normalize])
-    val_set = image_folder(args.data_dir, "val", eval_tf)
+    val_set = image_folder(args, "val", eval_tf)
     loader_args = dict(batch_size=args.batch_size, num_workers=args.workers, pin_memory=device.type == "cuda")
     val_loader = DataLoader(Subset(val_set, range(rank, len(val_set), world_size)), shuffle=False,
                             persistent_workers=args.workers > 0, **loader_args)
@@ -295,17 +455,17 @@ def load_data(args, rank, world_size, device):
         return None, val_loader, len(val_set.classes)
     train_tf = transforms.Compose([transforms.RandomResizedCrop(args.image_size), transforms.RandomHorizontalFlip(),
                                    transforms.ToTensor(), normalize])
-    train_set = image_folder(args.data_dir, "train", train_tf)
+    train_set = image_folder(args, "train", train_tf)
     if train_set.classes != val_set.classes:
-        raise ValueError(f"train/ has {len(train_set.classes)} classes and val/ has {len(val_set.classes)} (or "
-                         f"different names) in {args.data_dir}; both need the same class folders")
+        raise UserError(f"train/ has {len(train_set.classes)} classes and val/ has {len(val_set.classes)} (or "
+                        f"different names) in --data-dir {args.data_dir}; both need the same class folders")
     sampler = DistributedSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=args.seed)
     # drop_last: a last batch of one image would break BatchNorm. Workers are not persistent: each epoch's workers
     # draw their seeds from the main process's RNG, seeded per epoch in train_one_epoch, so --resume replays them
     train_loader = DataLoader(train_set, sampler=sampler, drop_last=True, **loader_args)
     if len(train_loader) == 0:
-        raise ValueError(f"train/ has {len(train_set)} images, fewer than one batch of {args.batch_size} per "
-                         f"process on {world_size} process(es); lower --batch-size")
+        raise UserError(f"train/ has {len(train_set)} images, fewer than one batch of {args.batch_size} per "
+                        f"process on {world_size} process(es); lower --batch-size")
     return train_loader, val_loader, len(val_set.classes)
 
 
@@ -364,7 +524,10 @@ def train_one_epoch(args, model, teacher, optimizer, loader, epoch, rank, device
     torch.manual_seed(seeded("train", args.seed, rank, epoch).initial_seed())
     model.train()
     sums, images_seen, betas = {}, 0, torch.zeros(13, device=device)   # betas: summed common.beta_counts
-    for images, labels in itertools.islice(loader, max_steps):
+    world_size = dist.get_world_size() if dist.is_initialized() else 1   # for the images/s of the progress lines
+    progress = Progress(rank, min(len(loader), max_steps or len(loader)), args.batch_size * world_size,
+                        1 if max_steps else args.epochs - epoch)
+    for step, (images, labels) in enumerate(itertools.islice(loader, max_steps), 1):
         images, labels = to_device(images, labels, device)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.amp and device.type == "cuda"):
             with torch.no_grad():   # the frozen teacher; None for ce
@@ -380,6 +543,7 @@ def train_one_epoch(args, model, teacher, optimizer, loader, epoch, rank, device
         for name, value in {"loss": loss, **{f"loss_{k}": v for k, v in terms.items()}}.items():
             sums[name] = sums.get(name, 0) + value.detach().float() * len(labels)
         images_seen += len(labels)
+        progress.step(step)
     totals = all_reduce_sum(torch.stack([*sums.values(), torch.tensor(float(images_seen), device=device)])).tolist()
     record = {name: total / totals[-1] for name, total in zip(sums, totals)}
     check_finite(record, epoch)
@@ -413,19 +577,23 @@ def main(args):
     try:
         start_time = time.time()
         torch.backends.cudnn.benchmark = True       # fixed input sizes: let cuDNN pick its fastest kernels
-        if args.out and rank == 0:
-            os.makedirs(args.out, exist_ok=True)
+        ckpt = None if args.benchmark or args.eval_only else open_run(args, rank)   # before any data is read
+        if args.out and (args.benchmark or args.eval_only):   # one file each, beside what --out holds
+            if args.eval_only and os.path.exists(f"{args.out}/results.json") and not args.overwrite:
+                raise UserError(f"--out {args.out} holds results.json; pass --overwrite to replace it or another --out")
+            make_out(args.out)
         train_loader, val_loader, num_classes = load_data(args, rank, world_size, device)
         memory_format = torch.channels_last if device.type == "cuda" else torch.preserve_format   # as to_device's
         if args.eval_only:
             net = MODELS[args.model](num_classes=num_classes)
-            load_weights(net, load_state_dict(args.eval_only), f"checkpoint {args.eval_only}")
+            load_weights(net, load_state_dict(args.eval_only, "--eval-only"), f"--eval-only {args.eval_only}")
             result = evaluate(args, net.to(device, memory_format=memory_format), val_loader, device)
             if rank == 0:
                 print(f"eval {args.eval_only}: top1 {result['top1']:.2f}  top5 {result['top5']:.2f}  "
                       f"({result['images']} images)", flush=True)
                 if args.out:
-                    write_text(json.dumps({**result, "args": vars(args)}, indent=2), f"{args.out}/results.json")
+                    write_text(json.dumps({**result, **run_info(world_size, device), "args": vars(args)}, indent=2),
+                               f"{args.out}/results.json")
             return result
 
         teacher = load_teacher(args, num_classes) if args.loss != "ce" else None   # a bad teacher stops us now
@@ -462,16 +630,12 @@ def main(args):
 
         start_epoch, best, teacher_top1 = 0, {"top1": 0.0, "top5": 0.0, "epoch": -1}, None
         checkpoint_path = f"{args.out}/checkpoint.pt" if args.out else None
-        if args.resume:   # parse_args checked that the checkpoint exists
-            ckpt = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
-            load_weights(net, ckpt["model"], f"checkpoint {checkpoint_path}")
+        if ckpt is not None:   # open_run checked that the arguments are the same
+            load_weights(net, ckpt["model"], f"--resume {checkpoint_path}")
             if raw_model.head is not None:
                 raw_model.head.load_state_dict(ckpt["head"])
             optimizer.load_state_dict(ckpt["optimizer"])
             start_epoch, best, teacher_top1 = ckpt["epoch"], ckpt["best"], ckpt["teacher_top1"]
-            if rank == 0:
-                trim_log(args.out, start_epoch)
-                print(f"resumed from {checkpoint_path} after epoch {start_epoch}", flush=True)
         elif teacher is not None:   # check the teacher on the same crop before spending GPU-days
             teacher_top1 = evaluate(args, teacher, val_loader, device)["top1"]
             if rank == 0:
@@ -491,8 +655,11 @@ def main(args):
             train_seconds = time.time() - epoch_start
             broadcast_buffers(raw_model)
             result = evaluate(args, net, val_loader, device)
-            record.update(result, images_per_s=record["train_images"] / train_seconds,
-                          seconds=time.time() - epoch_start)
+            bad = [train_loader.dataset.bad, val_loader.dataset.dataset.bad]   # --skip-bad-images: files replaced
+            record.update(result, bad_images=int(all_reduce_sum(sum(b.sum() for b in bad).to(device))),
+                          images_per_s=record["train_images"] / train_seconds, seconds=time.time() - epoch_start)
+            for b in bad:
+                b.zero_()
             if result["top1"] > best["top1"] or best["epoch"] < 0:
                 best = {"top1": result["top1"], "top5": result["top5"], "epoch": epoch}
             if rank == 0:
@@ -504,27 +671,31 @@ def main(args):
                                 checkpoint_path)
 
         summary = {**result, "best_top1": best["top1"], "best_top5": best["top5"], "best_epoch": best["epoch"],
-                   "teacher_top1": teacher_top1, "seconds": time.time() - start_time, "world_size": world_size,
-                   "args": vars(args)}
+                   "teacher_top1": teacher_top1, "seconds": time.time() - start_time,
+                   **run_info(world_size, device), "args": vars(args)}
         if rank == 0:
             print(f"final top1 {result['top1']:.2f}  top5 {result['top5']:.2f}  best top1 {best['top1']:.2f} (epoch "
                   f"{best['epoch']})", flush=True)
             if args.out:
                 write_text(json.dumps(summary, indent=2), f"{args.out}/results.json")
         return summary
+    except BadImage as err:   # from a DataLoader worker: its message ends with ours
+        path = str(err).strip().splitlines()[-1].split("BadImage: ")[-1]
+        raise UserError(f"cannot read the image {path}; replace or delete it, or pass --skip-bad-images") from None
     finally:
         cleanup_distributed()
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = Parser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("data")
     g.add_argument("--data-dir", default="data/imagenet", help="ImageFolder root holding train/ and val/")
     g.add_argument("--image-size", type=int, default=224, help="training crop and evaluation crop, in pixels")
     g.add_argument("--crop-fraction", type=float, default=0.95, help="eval: resize to image-size/crop-fraction, "
                    "centre-crop (official 0.95, torchvision 0.875)")
     g.add_argument("--workers", type=int, default=8, help="DataLoader worker processes per GPU/process")
+    g.add_argument("--skip-bad-images", action="store_true", help="replace an unreadable image by the next one and "
+                   "count it in the log (bad_images); by default the run stops with the image's path")
     g = p.add_argument_group("models")
     g.add_argument("--model", default="resnet34", choices=sorted(MODELS), help="the student (or the model to train)")
     g.add_argument("--teacher", default=None, choices=sorted(MODELS), help="the weak teacher (any loss but ce)")
@@ -555,11 +726,16 @@ def parse_args(argv=None):
     g.add_argument("--reviewkd-weight", type=float, default=1.0, help="reviewkd: weight of HCL (mdistiller ImageNet)")
     g = p.add_argument_group("run")
     g.add_argument("--out", default=None, help="output folder for log.jsonl, results.json, checkpoint.pt")
-    g.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
-    g.add_argument("--eval-only", default=None, metavar="CKPT", help="evaluate these weights on val/ and stop")
+    g.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt, or "
+                   "start afresh where there is none (one command for the first launch and every restart)")
+    g.add_argument("--overwrite", action="store_true", help="start afresh in a non-empty --out")
+    g.add_argument("--eval-only", default=None, metavar="CKPT", help="evaluate these weights on val/, write "
+                   "results.json into --out (--overwrite replaces one), stop")
     g.add_argument("--benchmark", type=int, default=0, metavar="STEPS", help="time STEPS training steps on synthetic "
-                   "images (no data read; a teacher without weights has random ones), print images/s, stop")
+                   "images (no data read; a teacher without weights has random ones), print images/s, write "
+                   "benchmark.json into --out (beside anything there), stop")
     args = p.parse_args(argv)
+    check_numbers(p, args)
     if args.gt_weight <= 0 and args.loss in ("ce", "dkd"):   # dkd splits the distributions at the true class
         p.error(f"--loss {args.loss} needs labels: use --gt-weight > 0, or another loss for teacher-only training")
     if args.loss != "ce" and not args.eval_only:
@@ -572,10 +748,6 @@ def parse_args(argv=None):
         if args.teacher_weights is not None and args.teacher_weights not in names:
             p.error(f"torchvision has no weights '{args.teacher_weights}' for {args.teacher} (choose from {names}); "
                     "pass a checkpoint with --teacher-ckpt")
-    if min(args.kd_T, args.dkd_T, args.tau) <= 0:
-        p.error("--kd-T, --dkd-T and --tau must be positive")
-    if args.resume and not (args.out and os.path.isfile(f"{args.out}/checkpoint.pt")):
-        p.error("--resume continues from <out>/checkpoint.pt, and there is none: pass the --out of an earlier run")
     return args
 
 

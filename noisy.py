@@ -25,6 +25,9 @@ import json
 import math
 import os
 import pickle
+import platform
+import shutil
+import subprocess
 import sys
 import time
 
@@ -38,8 +41,45 @@ from torch.nn.parallel import DistributedDataParallel
 from common import (adaptconf_beta, adaptconf_loss, augconf_alpha, augconf_loss, beta_counts, beta_summary, kd_loss,
                     rkd_loss, topk_correct)
 
-# ---- shared: DDP, seeding, logging, checkpoints ------------------------------------------------------------------
+# ---- shared: DDP, seeding, logging, checkpoints, errors ----------------------------------------------------------
 # Copied on purpose, identically, into every script (tests/test_copies.py keeps the copies equal): edit all together.
+
+class UserError(SystemExit):
+    """A mistake in the command line or in a file it names: Python prints this one line, no traceback, and exits 1.
+    Under torchrun, ranks other than 0 wait 5 s first: when rank 0 fails too, torchrun stops them before they repeat."""
+    def __init__(self, message):
+        if int(os.environ.get("RANK", 0)) > 0:
+            time.sleep(5)
+        super().__init__(f"{os.path.basename(sys.argv[0])}: error: {message}")
+
+
+class Parser(argparse.ArgumentParser):   # argparse's errors as one UserError line (no usage block, no repeat per rank)
+    def error(self, message):
+        raise UserError(message)
+
+
+POSITIVE = {"epochs", "batch_size", "lr", "blr", "finetune_lr", "tau", "kd_T", "dkd_T", "image_size", "width", "way",
+            "shot", "query", "episodes_per_batch", "batches_per_epoch", "val_episodes", "test_episodes", "knn_k",
+            "crop_fraction"}
+FRACTION = {"noise_rate", "select_quantile", "pair_quantile", "label_smoothing", "drop_path", "crop_fraction",
+            "alpha_max"}
+
+
+def check_numbers(p, args):
+    """The same rule in every script: every number finite, counts/sizes/rates/temperatures > 0, fractions in [0, 1],
+    everything else (weights, subsets, seeds, warm-ups, workers, --benchmark) >= 0; the warm-up shorter than the run."""
+    for name, value in vars(args).items():
+        flag = "--" + name.replace("_", "-")
+        for v in value if isinstance(value, list) else [value]:
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                continue
+            if not math.isfinite(v) or v < 0 or (name in POSITIVE and v == 0) or (name in FRACTION and v > 1):
+                rule = {(1, 1): "in (0, 1]", (1, 0): "> 0", (0, 1): "in [0, 1]"}.get(
+                    (name in POSITIVE, name in FRACTION), ">= 0")
+                p.error(f"{flag} must be {rule} and finite, got {v}")
+    if getattr(args, "warmup_epochs", None) and args.epochs is not None and args.warmup_epochs >= args.epochs:
+        p.error(f"--warmup-epochs {args.warmup_epochs} must be below --epochs {args.epochs}, or the lr never peaks")
+
 
 def setup_distributed():
     """(rank, world_size, device). torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; plain `python` is rank 0 of 1."""
@@ -49,7 +89,11 @@ def setup_distributed():
     device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    store, restart = None, os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    if restart != "0" and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":   # torchrun restarted the workers:
+        store = dist.PrefixStore(f"restart{restart}", dist.TCPStore(   # its store still holds the addresses of the
+            os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=False))   # killed ones
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=rank, world_size=world_size)
     return rank, world_size, device
 
 
@@ -87,6 +131,20 @@ def check_finite(means, epoch):   # epoch means, equal on all processes: all sto
                                  "data and the teacher checkpoint")
 
 
+class Progress:   # rank 0: a line every `every` s inside an epoch (step, images/s, ETA), read from host clocks only
+    def __init__(self, rank, steps, images_per_step, epochs_left=1, every=30.0):
+        self.on, self.steps, self.images, self.left, self.every = rank == 0, steps, images_per_step, epochs_left, every
+        self.start = self.last = time.time()
+
+    def step(self, done):   # after `done` steps of this epoch
+        now = time.time()
+        if self.on and now - self.last >= self.every and done < self.steps:
+            self.last, rate = now, done / max(now - self.start, 1e-6)
+            eta = (self.steps - done) / rate
+            print(f"  step {done}/{self.steps}  {rate * self.images:.0f} images/s  epoch ends in {eta / 60:.1f} min, "
+                  f"the run in {(eta + (self.left - 1) * self.steps / rate) / 60:.1f} min", flush=True)
+
+
 def log_record(out_dir, record):
     """Prints one readable line and appends the same fields as one JSON line to <out_dir>/log.jsonl (rank 0 only)."""
     print("  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
@@ -94,12 +152,6 @@ def log_record(out_dir, record):
     if out_dir:
         with open(os.path.join(out_dir, "log.jsonl"), "a") as f:
             f.write(json.dumps(record) + "\n")
-
-
-def trim_log(out_dir, start_epoch):   # on resume: drops the log lines written after the checkpoint
-    path = os.path.join(out_dir, "log.jsonl")
-    with open(path) if os.path.exists(path) else open(os.devnull) as f:
-        write_text("".join(line for line in f if line.strip() and json.loads(line)["epoch"] < start_epoch), path)
 
 
 def write_text(text, path):   # to a temporary name, then renamed: a killed run never leaves a half-written file
@@ -113,16 +165,26 @@ def save_atomic(obj, path):   # torch.save to a temporary name, then renamed, as
     os.replace(path + ".tmp", path)
 
 
-def load_state_dict(path):
+def read_checkpoint(path, flag):   # torch.load(weights_only=True): tensors and plain data only, a file cannot run code
+    if not os.path.isfile(path):
+        raise UserError(f"{flag} {path} is {'a folder' if os.path.isdir(path) else 'missing'}; pass a checkpoint file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        why = (f"{type(e).__name__}: {(str(e).strip() or 'empty or cut short').splitlines()[0][:120]}; pass an "
+               "intact file of tensors") if "Weights only load failed" not in str(e) else ("it holds Python objects "
+               "besides tensors, which could run code; if you trust it, save its state_dict alone with torch.save")
+        raise UserError(f"{flag} {path} is not a readable weights-only PyTorch checkpoint ({why})") from None
+
+
+def load_state_dict(path, flag):
     """The state_dict in a checkpoint of ours, RepDistiller, mdistiller, the official code or torchvision/timm:
     {"model": sd}, {"state_dict": sd}, {"net": sd} or a bare sd, "module." prefixes removed."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path} does not exist; pass the path of a trained model's checkpoint")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt = read_checkpoint(path, flag)
     sd = next((ckpt[k] for k in ("model", "state_dict", "net") if isinstance(ckpt, dict)
                and isinstance(ckpt.get(k), dict)), ckpt)
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise ValueError(f"{path} holds no state_dict ('model', 'state_dict', 'net' or bare); pass a model checkpoint")
+        raise UserError(f"{flag} {path} holds no state_dict ('model', 'state_dict', 'net' or bare); pass a model's")
     return {k.removeprefix("module."): v for k, v in sd.items()}
 
 
@@ -133,8 +195,82 @@ def load_weights(model, state_dict, what):   # strict, naming the first wrong te
                    if name not in own else None if state_dict[name].shape == own[name].shape else
                    f"has shape {tuple(state_dict[name].shape)} in the checkpoint but {tuple(own[name].shape)} here")
         if problem:
-            raise ValueError(f"{what}: tensor '{name}' {problem}; check the model name and the number of classes")
+            raise UserError(f"{what}: tensor '{name}' {problem}; check the model name and the number of classes")
     model.load_state_dict(state_dict)
+
+
+FREE = {"out", "resume", "overwrite", "epochs", "finetune_epochs", "stop_after", "workers", "data_dir", "download",
+        "skip_bad_images"}
+
+
+def make_out(path):   # creates --out (and its parents), or stops with one line
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--out {path} cannot be created ({e.strerror}); pass a folder you can write") from None
+    if not os.access(path, os.W_OK):
+        raise UserError(f"--out {path} is not writable; pass a folder you can write")
+
+
+def run_info(world_size, device):   # what results.json records about where it ran
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=os.path.dirname(
+        os.path.abspath(__file__))).stdout.strip() if shutil.which("git") else ""
+    return {"torch": torch.__version__, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else
+            platform.processor() or platform.machine(), "world_size": world_size, "git_commit": commit or None}
+
+
+def open_run(args, rank):
+    """--out and --resume -> the checkpoint to continue from, or None. A folder holding a run needs --resume (continue)
+    or --overwrite (start afresh); --resume on an empty or new folder starts afresh, so one command serves the first
+    launch and every restart. Refuses a resume whose arguments changed (all but FREE); drops stale temporary files,
+    log lines after the checkpoint and a cut-off last line. Every rank reads the checkpoint; rank 0 edits the folder."""
+    if not args.out or args.resume and args.overwrite:
+        if args.resume:
+            raise UserError("--resume continues the run in --out; pass --out" if not args.out else
+                            "--resume continues the run in --out, --overwrite replaces it: pass one of them")
+        return None
+    args.world_size = int(os.environ.get("WORLD_SIZE", 1))   # saved with the args: a resume on other processes differs
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise UserError(f"--out {args.out} is a file; pass a folder (it is created if missing)")
+    held = [f for f in ("checkpoint.pt", "log.jsonl", "results.json") if os.path.exists(os.path.join(args.out, f))]
+    if held and not (args.resume or args.overwrite):
+        raise UserError(f"--out {args.out} holds a run ({', '.join(held)}); pass --resume to continue it, --overwrite "
+                        "to start afresh, or another --out")
+    path = os.path.join(args.out, "checkpoint.pt")
+    ckpt = read_checkpoint(path, "--resume") if args.resume and "checkpoint.pt" in held else None
+    if ckpt is not None and not (isinstance(ckpt, dict) and {"args", "epoch"} <= set(ckpt)):
+        raise UserError(f"--resume: {path} was not written by this script (no args, epoch); pass another --out")
+    if ckpt is not None:
+        changed = sorted(k for k in {**ckpt["args"], **vars(args)} if k not in FREE and
+                         ckpt["args"].get(k) != vars(args).get(k))
+        if changed:
+            raise UserError("--resume: the run in --out was started with other " + ", ".join(
+                f"{'processes' if k == 'world_size' else '--' + k.replace('_', '-')} ({ckpt['args'].get(k)} there, "
+                f"{vars(args).get(k)} now)" for k in changed)
+                + "; pass the same ones, or another --out")
+    if rank == 0:
+        make_out(args.out)
+        for name in os.listdir(args.out):
+            if ".tmp" in name:   # left by a write that was killed
+                os.remove(os.path.join(args.out, name))
+        if ckpt is None:
+            for name in held:
+                os.remove(os.path.join(args.out, name))
+            print(f"{args.out}: a fresh run{' (--resume found no checkpoint)' if args.resume else ''}", flush=True)
+        else:
+            lines = open(os.path.join(args.out, "log.jsonl")).readlines() if "log.jsonl" in held else []
+            keep = []
+            for line in lines:   # the epochs the checkpoint holds, without a line cut short or garbled by a crash
+                try:
+                    keep += [line] if line.endswith("\n") and json.loads(line)["epoch"] < ckpt["epoch"] else []
+                except (ValueError, KeyError, TypeError):
+                    pass
+            write_text("".join(keep), os.path.join(args.out, "log.jsonl"))
+            print(f"resuming {args.out} after epoch {ckpt['epoch']}", flush=True)
+            if ckpt["args"]["epochs"] != args.epochs:
+                print(f"warning: --epochs {args.epochs} (was {ckpt['args']['epochs']}): a schedule that depends on it "
+                      "follows the new length in the epochs left, unlike a run started with it", flush=True)
+    return ckpt
 # ---- end shared --------------------------------------------------------------------------------------------------
 
 
@@ -198,7 +334,8 @@ def load_teacher(args, num_classes, device):
     """The frozen teacher in eval mode; random weights without --teacher-ckpt (only --benchmark allows that)."""
     teacher = MODELS[args.teacher](num_classes)
     if args.teacher_ckpt:
-        load_weights(teacher, load_state_dict(args.teacher_ckpt), f"teacher checkpoint {args.teacher_ckpt}")
+        load_weights(teacher, load_state_dict(args.teacher_ckpt, "--teacher-ckpt"),
+                     f"--teacher-ckpt {args.teacher_ckpt}")
     layout = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     return teacher.to(device, memory_format=layout).eval().requires_grad_(False)
 
@@ -217,7 +354,7 @@ def _unpickle(path):
             d = pickle.load(f, encoding="latin1")
         d["data"] = np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
     except Exception as e:
-        raise ValueError(f"{path} is not a CIFAR python pickle ({type(e).__name__}: {e}); re-download the data set")
+        raise UserError(f"{path} is not a CIFAR python pickle ({type(e).__name__}: {e}); re-download the data set")
     return d
 
 
@@ -226,8 +363,8 @@ def load_cifar(data_dir, dataset):
     ten = dataset == "cifar10"
     folder = os.path.join(data_dir, "cifar-10-batches-py" if ten else "cifar-100-python")
     if not os.path.isdir(folder):
-        raise FileNotFoundError(f"{folder} not found; pass --data-dir with the folder that holds "
-                                f"{os.path.basename(folder)}/ (CIFAR's python version, as torchvision downloads it)")
+        raise UserError(f"{folder} not found; pass --data-dir with the folder that holds "
+                        f"{os.path.basename(folder)}/ (CIFAR's python version, as torchvision downloads it)")
     parts = [_unpickle(os.path.join(folder, name))
              for name in ([f"data_batch_{i}" for i in range(1, 6)] if ten else ["train"])]
     test = _unpickle(os.path.join(folder, "test_batch" if ten else "test"))
@@ -295,11 +432,15 @@ def noise_report(true_labels, noisy_labels, num_classes):
 
 
 def load_noisy_labels(path, true_labels, num_classes):
-    noisy = np.load(path)                           # the teacher run's noisy_labels.npy
+    try:
+        noisy = np.load(path)                       # the teacher run's noisy_labels.npy (allow_pickle=False)
+    except Exception as e:
+        raise UserError(f"--noisy-labels {path} is not a readable .npy ({type(e).__name__}: {e}); pass the "
+                        "noisy_labels.npy of a noisy.py run") from None
     if noisy.shape != true_labels.shape or not np.issubdtype(noisy.dtype, np.integer) \
             or noisy.min() < 0 or noisy.max() >= num_classes:
-        raise ValueError(f"--noisy-labels {path} holds {noisy.shape} {noisy.dtype} labels, but this training set needs "
-                         f"{true_labels.shape} integers in [0, {num_classes}); was it written for another data set?")
+        raise UserError(f"--noisy-labels {path} holds {noisy.shape} {noisy.dtype} labels, but this training set needs "
+                        f"{true_labels.shape} integers in [0, {num_classes}); was it written for another data set?")
     return noisy.astype(np.int64)
 
 
@@ -542,11 +683,13 @@ def train_one_epoch(args, stage, model, raw_model, teacher, optimizer, data, sel
     # this process's share of a per-epoch permutation of the pool, in whole batches: every process runs as many steps
     steps_per_epoch = len(pool) // world_size // args.batch_size
     if steps_per_epoch == 0:
-        raise ValueError(f"{len(pool)} {'training images' if stage == 1 else 'confident examples of stage one'} over "
-                         f"{world_size} process(es) do not fill one batch of {args.batch_size}; lower --batch-size")
+        raise UserError(f"{len(pool)} {'training images' if stage == 1 else 'confident examples of stage one'} over "
+                        f"{world_size} process(es) do not fill one batch of {args.batch_size}; lower --batch-size")
     order = torch.randperm(len(pool), generator=seeded("shuffle", args.seed, epoch))[rank::world_size]
     batches = pool[order[:steps_per_epoch * args.batch_size].to(device)].view(steps_per_epoch, -1)[:max_steps]
     sums, beta = {}, torch.zeros(13, device=device)        # loss terms and β statistics, summed on the device
+    progress = Progress(rank, len(batches), args.batch_size * world_size,
+                        max(1, args.epochs + args.finetune_epochs - epoch))     # epochs of both stages left
     for step, index in enumerate(batches):
         lr = lr_at(args, epoch, step, steps_per_epoch)
         for group in optimizer.param_groups:
@@ -574,6 +717,7 @@ def train_one_epoch(args, stage, model, raw_model, teacher, optimizer, data, sel
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        progress.step(step + 1)
         for name, value in {"loss": loss, **{f"loss_{k}": v for k, v in terms.items()}}.items():
             sums[name] = sums.get(name, 0) + value.detach().float()
     totals = all_reduce_sum(torch.cat([torch.stack(list(sums.values())), beta]))
@@ -643,7 +787,7 @@ def train_stage1(args, model, raw_model, data, selection, best, start, resumed, 
         stage1 = {"top1": evaluation["top1"], "top5": evaluation["top5"]} if epoch == args.epochs - 1 else None
         if stage1 and rank == 0 and args.out:       # before checkpoint.pt: a resume from that skips stage one
             save_atomic({"model": raw_model.state_dict(), "selected": selection["selected"].cpu(),
-                         "noisy_labels": data["noisy_y"].cpu().numpy(), "epoch": args.epochs, "args": vars(args),
+                         "noisy_labels": data["noisy_y"].cpu(), "epoch": args.epochs, "args": vars(args),
                          **stage1}, os.path.join(args.out, "stage1_model.pt"))
         best = end_epoch(args, 1, epoch, {**stats, **evaluation, "seconds": time.time() - t0}, raw_model, optimizer,
                          data, selection, best, stage1, rank)
@@ -673,8 +817,15 @@ def main(args):
     try:
         start_time = time.time()
         torch.backends.cudnn.benchmark = True       # a few fixed batch shapes: let cuDNN pick its fastest kernels
-        if args.out and rank == 0:
-            os.makedirs(args.out, exist_ok=True)
+        if not (args.eval_only or args.benchmark):
+            ckpt = open_run(args, rank)             # the checkpoint to resume from, or None (a fresh run)
+        elif args.out:                              # these write only results.json / benchmark.json, into any folder
+            if os.path.exists(args.out) and not os.path.isdir(args.out):
+                raise UserError(f"--out {args.out} is a file; pass a folder (it is created if missing)")
+            if args.eval_only and os.path.exists(os.path.join(args.out, "results.json")) and not args.overwrite:
+                raise UserError(f"--out {args.out} holds a results.json; pass another --out, or --overwrite to replace "
+                                "it")
+            make_out(args.out)
         data = load_data(args, rank, world_size, device)
         torch.manual_seed(args.seed)                # the same student initialisation for every --loss
         layout = torch.channels_last if device.type == "cuda" else torch.contiguous_format
@@ -683,9 +834,9 @@ def main(args):
             model = DistributedDataParallel(raw_model, device_ids=[device] if device.type == "cuda" else None,
                                             find_unused_parameters=True)
         if args.eval_only:
-            load_weights(raw_model, load_state_dict(args.eval_only), f"checkpoint {args.eval_only}")
+            load_weights(raw_model, load_state_dict(args.eval_only, "--eval-only"), f"--eval-only {args.eval_only}")
             results = {**evaluate(args, raw_model, data, rank, world_size), "checkpoint": args.eval_only,
-                       "args": vars(args)}
+                       **run_info(world_size, device), "args": vars(args)}
             if rank == 0:
                 print(f"eval-only {args.eval_only}: top1 {results['top1']:.2f}  top5 {results['top5']:.2f}")
                 if args.out:
@@ -726,27 +877,29 @@ def main(args):
                                        **data["noise"]}, indent=2), os.path.join(args.out, "noise.json"))
 
         selection, stage1, best, start_epoch, optimizer_states = None, None, {"top1": 0.0, "top5": 0.0}, 0, {}
-        if args.stage1_ckpt:        # stage one's weights and selection from a run on the same noisy labels
-            state = load_state_dict(args.stage1_ckpt)                   # says so if the file is missing
-            ckpt = torch.load(args.stage1_ckpt, map_location="cpu", weights_only=False)
-            if "selected" not in ckpt or not np.array_equal(ckpt.get("noisy_labels"), data["noisy_y"].cpu().numpy()):
-                raise ValueError(f"--stage1-ckpt {args.stage1_ckpt} holds no selection for these noisy labels; pass "
-                                 "the stage1_model.pt of a noisy.py run on the same data with the same --noisy-labels")
-            load_weights(raw_model, state, f"stage-one checkpoint {args.stage1_ckpt}")
-            selection, stage1 = {"selected": ckpt["selected"].to(device)}, {"top1": ckpt["top1"], "top5": ckpt["top5"]}
-            start_epoch = args.epochs
-        if args.resume:
-            path = os.path.join(args.out, "checkpoint.pt")
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"--resume found no {path}; start the run without --resume")
-            ckpt = torch.load(path, map_location="cpu", weights_only=False)
-            load_weights(raw_model, ckpt["model"], f"checkpoint {path}")
+        if ckpt is not None:        # one epoch counter over both stages: stage two starts at --epochs
+            if ckpt["args"]["epochs"] != args.epochs and (ckpt["stage"] == 2 or ckpt["epoch"] >= args.epochs):
+                raise UserError(f"--resume: the run in --out has done {ckpt['epoch']} epochs with --epochs "
+                                f"{ckpt['args']['epochs']}; --epochs may change only in stage one and stay above the "
+                                f"epochs done: pass --epochs {ckpt['args']['epochs']}")
+            load_weights(raw_model, ckpt["model"], f"--resume {os.path.join(args.out, 'checkpoint.pt')}")
             start_epoch, best, stage1, optimizer_states = ckpt["epoch"], ckpt["best"], ckpt["stage1"], \
                 {ckpt["stage"]: ckpt["optimizer"]}
             selection = ckpt["selection"] and {k: v.to(device) if torch.is_tensor(v) else v
                                                for k, v in ckpt["selection"].items()}
-        if rank == 0 and args.out:
-            trim_log(args.out, start_epoch)         # a rerun in the same folder starts its log afresh
+        elif args.stage1_ckpt:      # stage one's weights and selection from a run on the same noisy labels
+            state = read_checkpoint(args.stage1_ckpt, "--stage1-ckpt")
+            labels = state.get("noisy_labels") if isinstance(state, dict) else None
+            if not (isinstance(labels, torch.Tensor) and torch.equal(labels, data["noisy_y"].cpu()) and "selected"
+                    in state and isinstance(state.get("model"), dict)):
+                raise UserError(f"--stage1-ckpt {args.stage1_ckpt} holds no selection for these noisy labels; pass "
+                                "the stage1_model.pt of a noisy.py run on the same data with the same --noisy-labels")
+            if state["epoch"] != args.epochs:       # so epochs count on as in the run that wrote it
+                raise UserError(f"--stage1-ckpt {args.stage1_ckpt} ended stage one after {state['epoch']} epochs; "
+                                f"pass --epochs {state['epoch']}")
+            load_weights(raw_model, state["model"], f"--stage1-ckpt {args.stage1_ckpt}")
+            selection, stage1 = {"selected": state["selected"].to(device)}, {k: state[k] for k in ("top1", "top5")}
+            start_epoch = args.epochs
 
         if start_epoch < args.epochs:
             selection, best, stage1 = train_stage1(args, model, raw_model, data, selection, best, start_epoch,
@@ -761,7 +914,7 @@ def main(args):
                    "teacher_top1": teacher_top1, "stage1_top1": stage1 and stage1["top1"],
                    "stage1_top5": stage1 and stage1["top5"], "noise_rate": data["noise"]["noise_rate"],
                    **selection_stats(selection, data["clean"]), "seconds": time.time() - start_time,
-                   "world_size": world_size, "args": vars(args)}
+                   **run_info(world_size, device), "args": vars(args)}
         if rank == 0:
             print(f"final top1 {results['top1']:.2f}  top5 {results['top5']:.2f}  (best {best['top1']:.2f} / "
                   f"{best['top5']:.2f})", flush=True)
@@ -773,7 +926,7 @@ def main(args):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = Parser(description=__doc__.split("\n")[0])
     g = p.add_argument_group("data, noise and models")
     g.add_argument("--dataset", default="cifar100", choices=["cifar10", "cifar100", "synthetic"],
                    help="CIFAR pickles under --data-dir, or a small generated set (4 classes, 16x16)")
@@ -786,7 +939,7 @@ def parse_args(argv=None):
     g.add_argument("--teacher", default="preact_resnet18", choices=sorted(MODELS))
     g.add_argument("--teacher-ckpt", default=None, help="teacher weights (e.g. its run's stage1_model.pt)")
     g = p.add_argument_group("stage one: Sel-CL (its first epoch is instance contrast only)")
-    g.add_argument("--epochs", type=int, default=250, help="Sel-CL epochs (0 with --stage1-ckpt)")
+    g.add_argument("--epochs", type=int, default=250, help="Sel-CL epochs (with --stage1-ckpt: those it ran)")
     g.add_argument("--lr", type=float, default=0.1, help="stage-one learning rate")
     g.add_argument("--milestones", type=int, nargs="*", default=[125, 200], help="epochs where the lr drops ×0.1")
     g.add_argument("--warmup-epochs", type=int, default=5, help="linear lr warm-up from lr/100")
@@ -812,13 +965,16 @@ def parse_args(argv=None):
     g.add_argument("--weight-decay", type=float, default=1e-4, help="SGD weight decay (momentum 0.9)")
     g.add_argument("--seed", type=int, default=1, help="seed of initialisation, shuffling and augmentation")
     g.add_argument("--out", default=None, help="output folder (log.jsonl, results.json, checkpoints)")
-    g.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
+    g.add_argument("--resume", action="store_true",
+                   help="continue from <out>/checkpoint.pt; starts afresh when --out holds none (first launch)")
+    g.add_argument("--overwrite", action="store_true", help="start afresh in a non-empty --out (deletes its run)")
     g.add_argument("--eval-only", default=None, metavar="CKPT", help="evaluate these weights, write results.json")
     g.add_argument("--benchmark", type=int, default=0, metavar="STEPS", help="time STEPS training steps of each "
                    "stage on generated images of CIFAR's shape (no --teacher-ckpt: a random teacher)")
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
                    help="bf16 autocast on CUDA (CPU runs float32)")
     args = p.parse_args(argv)
+    check_numbers(p, args)                  # finite; counts, rates, temperatures > 0; fractions in [0, 1]; warm-up
     c10, sym = args.dataset != "cifar100", args.noise_type == "symmetric"    # per-setting defaults (official runs)
     if args.kd_T is None:
         args.kd_T = (20.0 if sym else 10.0) if c10 else 1.0
@@ -829,19 +985,11 @@ def parse_args(argv=None):
     training = not (args.benchmark or args.eval_only)
     if args.batch_size < 2:
         p.error("--batch-size must be at least 2 (contrastive pairs and mixup need two samples)")
-    if not 0.0 <= args.noise_rate <= 1.0:
-        p.error(f"--noise-rate must lie in [0, 1], got {args.noise_rate}")
-    if args.kd_T <= 0 or args.tau <= 0:
-        p.error("--kd-T and --tau must be positive")
     if args.loss == "ce" and args.gt_weight == 0:
         p.error("--loss ce --gt-weight 0 leaves stage two nothing to learn; pass --gt-weight 1 or a distillation loss")
     if args.loss != "ce" and not args.teacher_ckpt and training:
         p.error(f"--loss {args.loss} distils from a teacher; pass --teacher-ckpt (e.g. the stage1_model.pt of a "
                 "--loss ce run with --model preact_resnet18)")
-    if args.resume and not args.out:
-        p.error("--resume continues from <out>/checkpoint.pt; pass --out")
-    if args.epochs == 0 and not args.stage1_ckpt and training:
-        p.error("--epochs 0 skips stage one; pass --stage1-ckpt with the selection of an earlier run")
     return args
 
 

@@ -22,7 +22,10 @@ import hashlib
 import json
 import math
 import os
+import platform
 import random
+import shutil
+import subprocess
 import sys
 import time
 from collections import OrderedDict
@@ -39,8 +42,45 @@ from torchvision.datasets.folder import default_loader
 from common import (FeatureRegressor, adaptconf_beta, adaptconf_loss, augconf_alpha, augconf_loss, beta_counts,
                     beta_summary, dkd_loss, hint_loss, kd_loss, rkd_loss, topk_correct)
 
-# ---- shared: DDP, seeding, logging, checkpoints ------------------------------------------------------------------
+# ---- shared: DDP, seeding, logging, checkpoints, errors ----------------------------------------------------------
 # Copied on purpose, identically, into every script (tests/test_copies.py keeps the copies equal): edit all together.
+
+class UserError(SystemExit):
+    """A mistake in the command line or in a file it names: Python prints this one line, no traceback, and exits 1.
+    Under torchrun, ranks other than 0 wait 5 s first: when rank 0 fails too, torchrun stops them before they repeat."""
+    def __init__(self, message):
+        if int(os.environ.get("RANK", 0)) > 0:
+            time.sleep(5)
+        super().__init__(f"{os.path.basename(sys.argv[0])}: error: {message}")
+
+
+class Parser(argparse.ArgumentParser):   # argparse's errors as one UserError line (no usage block, no repeat per rank)
+    def error(self, message):
+        raise UserError(message)
+
+
+POSITIVE = {"epochs", "batch_size", "lr", "blr", "finetune_lr", "tau", "kd_T", "dkd_T", "image_size", "width", "way",
+            "shot", "query", "episodes_per_batch", "batches_per_epoch", "val_episodes", "test_episodes", "knn_k",
+            "crop_fraction"}
+FRACTION = {"noise_rate", "select_quantile", "pair_quantile", "label_smoothing", "drop_path", "crop_fraction",
+            "alpha_max"}
+
+
+def check_numbers(p, args):
+    """The same rule in every script: every number finite, counts/sizes/rates/temperatures > 0, fractions in [0, 1],
+    everything else (weights, subsets, seeds, warm-ups, workers, --benchmark) >= 0; the warm-up shorter than the run."""
+    for name, value in vars(args).items():
+        flag = "--" + name.replace("_", "-")
+        for v in value if isinstance(value, list) else [value]:
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                continue
+            if not math.isfinite(v) or v < 0 or (name in POSITIVE and v == 0) or (name in FRACTION and v > 1):
+                rule = {(1, 1): "in (0, 1]", (1, 0): "> 0", (0, 1): "in [0, 1]"}.get(
+                    (name in POSITIVE, name in FRACTION), ">= 0")
+                p.error(f"{flag} must be {rule} and finite, got {v}")
+    if getattr(args, "warmup_epochs", None) and args.epochs is not None and args.warmup_epochs >= args.epochs:
+        p.error(f"--warmup-epochs {args.warmup_epochs} must be below --epochs {args.epochs}, or the lr never peaks")
+
 
 def setup_distributed():
     """(rank, world_size, device). torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; plain `python` is rank 0 of 1."""
@@ -50,7 +90,11 @@ def setup_distributed():
     device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    store, restart = None, os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    if restart != "0" and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":   # torchrun restarted the workers:
+        store = dist.PrefixStore(f"restart{restart}", dist.TCPStore(   # its store still holds the addresses of the
+            os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=False))   # killed ones
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=rank, world_size=world_size)
     return rank, world_size, device
 
 
@@ -88,6 +132,20 @@ def check_finite(means, epoch):   # epoch means, equal on all processes: all sto
                                  "data and the teacher checkpoint")
 
 
+class Progress:   # rank 0: a line every `every` s inside an epoch (step, images/s, ETA), read from host clocks only
+    def __init__(self, rank, steps, images_per_step, epochs_left=1, every=30.0):
+        self.on, self.steps, self.images, self.left, self.every = rank == 0, steps, images_per_step, epochs_left, every
+        self.start = self.last = time.time()
+
+    def step(self, done):   # after `done` steps of this epoch
+        now = time.time()
+        if self.on and now - self.last >= self.every and done < self.steps:
+            self.last, rate = now, done / max(now - self.start, 1e-6)
+            eta = (self.steps - done) / rate
+            print(f"  step {done}/{self.steps}  {rate * self.images:.0f} images/s  epoch ends in {eta / 60:.1f} min, "
+                  f"the run in {(eta + (self.left - 1) * self.steps / rate) / 60:.1f} min", flush=True)
+
+
 def log_record(out_dir, record):
     """Prints one readable line and appends the same fields as one JSON line to <out_dir>/log.jsonl (rank 0 only)."""
     print("  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
@@ -95,12 +153,6 @@ def log_record(out_dir, record):
     if out_dir:
         with open(os.path.join(out_dir, "log.jsonl"), "a") as f:
             f.write(json.dumps(record) + "\n")
-
-
-def trim_log(out_dir, start_epoch):   # on resume: drops the log lines written after the checkpoint
-    path = os.path.join(out_dir, "log.jsonl")
-    with open(path) if os.path.exists(path) else open(os.devnull) as f:
-        write_text("".join(line for line in f if line.strip() and json.loads(line)["epoch"] < start_epoch), path)
 
 
 def write_text(text, path):   # to a temporary name, then renamed: a killed run never leaves a half-written file
@@ -114,16 +166,26 @@ def save_atomic(obj, path):   # torch.save to a temporary name, then renamed, as
     os.replace(path + ".tmp", path)
 
 
-def load_state_dict(path):
+def read_checkpoint(path, flag):   # torch.load(weights_only=True): tensors and plain data only, a file cannot run code
+    if not os.path.isfile(path):
+        raise UserError(f"{flag} {path} is {'a folder' if os.path.isdir(path) else 'missing'}; pass a checkpoint file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        why = (f"{type(e).__name__}: {(str(e).strip() or 'empty or cut short').splitlines()[0][:120]}; pass an "
+               "intact file of tensors") if "Weights only load failed" not in str(e) else ("it holds Python objects "
+               "besides tensors, which could run code; if you trust it, save its state_dict alone with torch.save")
+        raise UserError(f"{flag} {path} is not a readable weights-only PyTorch checkpoint ({why})") from None
+
+
+def load_state_dict(path, flag):
     """The state_dict in a checkpoint of ours, RepDistiller, mdistiller, the official code or torchvision/timm:
     {"model": sd}, {"state_dict": sd}, {"net": sd} or a bare sd, "module." prefixes removed."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path} does not exist; pass the path of a trained model's checkpoint")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt = read_checkpoint(path, flag)
     sd = next((ckpt[k] for k in ("model", "state_dict", "net") if isinstance(ckpt, dict)
                and isinstance(ckpt.get(k), dict)), ckpt)
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise ValueError(f"{path} holds no state_dict ('model', 'state_dict', 'net' or bare); pass a model checkpoint")
+        raise UserError(f"{flag} {path} holds no state_dict ('model', 'state_dict', 'net' or bare); pass a model's")
     return {k.removeprefix("module."): v for k, v in sd.items()}
 
 
@@ -134,8 +196,82 @@ def load_weights(model, state_dict, what):   # strict, naming the first wrong te
                    if name not in own else None if state_dict[name].shape == own[name].shape else
                    f"has shape {tuple(state_dict[name].shape)} in the checkpoint but {tuple(own[name].shape)} here")
         if problem:
-            raise ValueError(f"{what}: tensor '{name}' {problem}; check the model name and the number of classes")
+            raise UserError(f"{what}: tensor '{name}' {problem}; check the model name and the number of classes")
     model.load_state_dict(state_dict)
+
+
+FREE = {"out", "resume", "overwrite", "epochs", "finetune_epochs", "stop_after", "workers", "data_dir", "download",
+        "skip_bad_images"}
+
+
+def make_out(path):   # creates --out (and its parents), or stops with one line
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--out {path} cannot be created ({e.strerror}); pass a folder you can write") from None
+    if not os.access(path, os.W_OK):
+        raise UserError(f"--out {path} is not writable; pass a folder you can write")
+
+
+def run_info(world_size, device):   # what results.json records about where it ran
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=os.path.dirname(
+        os.path.abspath(__file__))).stdout.strip() if shutil.which("git") else ""
+    return {"torch": torch.__version__, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else
+            platform.processor() or platform.machine(), "world_size": world_size, "git_commit": commit or None}
+
+
+def open_run(args, rank):
+    """--out and --resume -> the checkpoint to continue from, or None. A folder holding a run needs --resume (continue)
+    or --overwrite (start afresh); --resume on an empty or new folder starts afresh, so one command serves the first
+    launch and every restart. Refuses a resume whose arguments changed (all but FREE); drops stale temporary files,
+    log lines after the checkpoint and a cut-off last line. Every rank reads the checkpoint; rank 0 edits the folder."""
+    if not args.out or args.resume and args.overwrite:
+        if args.resume:
+            raise UserError("--resume continues the run in --out; pass --out" if not args.out else
+                            "--resume continues the run in --out, --overwrite replaces it: pass one of them")
+        return None
+    args.world_size = int(os.environ.get("WORLD_SIZE", 1))   # saved with the args: a resume on other processes differs
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise UserError(f"--out {args.out} is a file; pass a folder (it is created if missing)")
+    held = [f for f in ("checkpoint.pt", "log.jsonl", "results.json") if os.path.exists(os.path.join(args.out, f))]
+    if held and not (args.resume or args.overwrite):
+        raise UserError(f"--out {args.out} holds a run ({', '.join(held)}); pass --resume to continue it, --overwrite "
+                        "to start afresh, or another --out")
+    path = os.path.join(args.out, "checkpoint.pt")
+    ckpt = read_checkpoint(path, "--resume") if args.resume and "checkpoint.pt" in held else None
+    if ckpt is not None and not (isinstance(ckpt, dict) and {"args", "epoch"} <= set(ckpt)):
+        raise UserError(f"--resume: {path} was not written by this script (no args, epoch); pass another --out")
+    if ckpt is not None:
+        changed = sorted(k for k in {**ckpt["args"], **vars(args)} if k not in FREE and
+                         ckpt["args"].get(k) != vars(args).get(k))
+        if changed:
+            raise UserError("--resume: the run in --out was started with other " + ", ".join(
+                f"{'processes' if k == 'world_size' else '--' + k.replace('_', '-')} ({ckpt['args'].get(k)} there, "
+                f"{vars(args).get(k)} now)" for k in changed)
+                + "; pass the same ones, or another --out")
+    if rank == 0:
+        make_out(args.out)
+        for name in os.listdir(args.out):
+            if ".tmp" in name:   # left by a write that was killed
+                os.remove(os.path.join(args.out, name))
+        if ckpt is None:
+            for name in held:
+                os.remove(os.path.join(args.out, name))
+            print(f"{args.out}: a fresh run{' (--resume found no checkpoint)' if args.resume else ''}", flush=True)
+        else:
+            lines = open(os.path.join(args.out, "log.jsonl")).readlines() if "log.jsonl" in held else []
+            keep = []
+            for line in lines:   # the epochs the checkpoint holds, without a line cut short or garbled by a crash
+                try:
+                    keep += [line] if line.endswith("\n") and json.loads(line)["epoch"] < ckpt["epoch"] else []
+                except (ValueError, KeyError, TypeError):
+                    pass
+            write_text("".join(keep), os.path.join(args.out, "log.jsonl"))
+            print(f"resuming {args.out} after epoch {ckpt['epoch']}", flush=True)
+            if ckpt["args"]["epochs"] != args.epochs:
+                print(f"warning: --epochs {args.epochs} (was {ckpt['args']['epochs']}): a schedule that depends on it "
+                      "follows the new length in the epochs left, unlike a run started with it", flush=True)
+    return ckpt
 # ---- end shared --------------------------------------------------------------------------------------------------
 
 
@@ -232,10 +368,10 @@ def load_mae_checkpoint(model, path):
     (re-initialised, std 2e-5), position embeddings are resized bicubically to the model's grid, decoder tensors are
     ignored, and under global pooling `norm` is unused and `fc_norm` new. Every other tensor must match; returns the
     report lines (missing/unused keys by name)."""
-    sd = load_state_dict(path)
+    sd = load_state_dict(path, "--pretrained")
     if not {"cls_token", "pos_embed", "patch_embed.proj.weight", "blocks.0.attn.qkv.weight"} <= set(sd):
-        raise ValueError(f"{path} is not an MAE ViT checkpoint (it lacks cls_token, pos_embed, patch_embed.proj and "
-                         "blocks.0.attn.qkv); pass mae_pretrain_vit_base.pth or a checkpoint with the same key names")
+        raise UserError(f"--pretrained {path} is not an MAE ViT checkpoint (it lacks cls_token, pos_embed, patch_embed."
+                        "proj, blocks.0.attn.qkv); pass mae_pretrain_vit_base.pth or a checkpoint with MAE's key names")
     own, report = model.state_dict(), []
     pos = sd["pos_embed"]
     if pos.dim() == 3 and pos.shape[1] != own["pos_embed"].shape[1] and pos.shape[2] == own["pos_embed"].shape[2]:
@@ -248,12 +384,12 @@ def load_mae_checkpoint(model, path):
     unused = sorted(k for k in sd if k not in own or k in new)
     missing = sorted(k for k in own if k not in sd and k not in new)
     if missing:
-        raise ValueError(f"{path} lacks {len(missing)} encoder tensors of --model (first: '{missing[0]}'); it is not a "
-                         "checkpoint of this ViT size")
+        raise UserError(f"--pretrained {path} lacks {len(missing)} encoder tensors of --model (first: '{missing[0]}'); "
+                        "it is not a checkpoint of this ViT size")
     for k in own:
         if k in sd and k not in new and sd[k].shape != own[k].shape:
-            raise ValueError(f"{path}: tensor '{k}' has shape {tuple(sd[k].shape)} but the model needs "
-                             f"{tuple(own[k].shape)}; is it a different ViT size?")
+            raise UserError(f"--pretrained {path}: tensor '{k}' has shape {tuple(sd[k].shape)} but the model needs "
+                            f"{tuple(own[k].shape)}; is it a different ViT size?")
     model.load_state_dict({k: v for k, v in sd.items() if k in own and k not in new}, strict=False)
     nn.init.trunc_normal_(model.head.weight, std=2e-5)                    # MAE: near-zero head, stable start
     nn.init.zeros_(model.head.bias)
@@ -298,14 +434,14 @@ def build_teacher(args, num_classes):
     """Frozen teacher in eval mode; without --teacher-ckpt (only allowed under --benchmark) it keeps random weights."""
     teacher = TEACHERS[args.teacher](num_classes=num_classes).eval().requires_grad_(False)
     if args.teacher_ckpt:
-        sd = load_state_dict(args.teacher_ckpt)
+        sd = load_state_dict(args.teacher_ckpt, "--teacher-ckpt")
         if "fc.weight" not in sd:
-            raise ValueError(f"{args.teacher_ckpt} is not a ResNet checkpoint (no 'fc.weight'); pass a torchvision or "
-                             "timm ResNet checkpoint")
+            raise UserError(f"--teacher-ckpt {args.teacher_ckpt} is not a ResNet checkpoint (no 'fc.weight'); pass a "
+                            "torchvision or timm ResNet checkpoint")
         if sd["fc.weight"].shape[0] != num_classes:
-            raise ValueError(f"the teacher checkpoint has {sd['fc.weight'].shape[0]} classes but the data has "
-                             f"{num_classes}; pass a teacher trained on this dataset")
-        load_weights(teacher, sd, f"teacher {args.teacher} from {args.teacher_ckpt}")
+            raise UserError(f"--teacher-ckpt {args.teacher_ckpt} has {sd['fc.weight'].shape[0]} classes but the data "
+                            f"has {num_classes}; pass a teacher trained on this dataset")
+        load_weights(teacher, sd, f"--teacher-ckpt {args.teacher_ckpt} (--teacher {args.teacher})")
     return teacher
 
 
@@ -313,7 +449,7 @@ def teacher_forward(t, x):
     """(logits (B, C), pooled (B, C4), last-stage map (B, C4, H/32, W/32)) of a torchvision ResNet `t`."""
     x = t.maxpool(t.relu(t.bn1(t.conv1(x))))
     feature_map = t.layer4(t.layer3(t.layer2(t.layer1(x))))
-    pooled = torch.flatten(t.avgpool(feature_map), 1)
+    pooled = torch.flatten(t.avgpool(feature_map.float()), 1)   # float32 for the head and RKD
     with torch.autocast(x.device.type, enabled=False):   # float32 logits: argmax t picks β's class (Eq. 2)
         return t.fc(pooled.float()), pooled, feature_map
 
@@ -337,44 +473,79 @@ def build_transforms(args):
     return transforms.Compose(train), transforms.Compose(val)
 
 
+class BadImage(Exception):
+    """An image file PIL cannot decode: raised by read_image, caught by Checked in the same (worker) process."""
+
+
+def read_image(path):   # torchvision's default_loader (PIL, RGB), naming the file that cannot be decoded
+    try:
+        return default_loader(path)
+    except Exception as e:
+        raise BadImage(f"{path} ({type(e).__name__}: {str(e).strip()[:120]})") from None
+
+
+class Checked(torch.utils.data.Dataset):
+    """(image, label, "" or the unreadable file it stands in for): the worker puts a readable image in place of one
+    it cannot decode (raising would end the run with a traceback); the main process stops naming it, or counts it."""
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        for k in range(10):   # the k-th stand-in a tenth of the set further: a folder of broken files is left at once
+            try:
+                return (*self.dataset[(i + k * (len(self) // 10 + 1)) % len(self)], bad if k else "")
+            except BadImage as e:
+                bad = bad if k else str(e)   # the file asked for
+        raise BadImage(f"ten images in a row cannot be read, the first {bad}; check the data set")
+
+
+def count_bad(args, paths=()):   # the unreadable images of a batch (Checked): stop naming the first, or count them
+    bad = [path for path in paths if path]
+    if bad and not args.skip_bad_images:
+        raise UserError(f"cannot read the image {bad[0]}; replace or delete it, or pass --skip-bad-images")
+    return len(bad)
+
+
 def inat_split(args, split, transform):
     """(one split of iNaturalist 2018/2019, number of classes): torchvision's INaturalist (images under
     <data-dir>/<version>/<super>/<id>/, class = numeric id), the images of the official <data-dir>/<split><version>.json
     only."""
     root, version = args.data_dir, args.dataset[4:]
     try:
-        ds = torchvision.datasets.INaturalist(root, version=version, transform=transform, loader=default_loader)
+        ds = torchvision.datasets.INaturalist(root, version=version, transform=transform, loader=read_image)
     except RuntimeError as e:   # torchvision: "Dataset not found or corrupted"
-        raise FileNotFoundError(f"no iNaturalist {version} images under {root}/{version} ({e}); extract "
-                                f"train_val{version}.tar.gz in {root} and rename train_val{version} to {version} "
-                                "(torchvision's layout)") from None
+        raise UserError(f"--data-dir: no iNaturalist {version} images under {root}/{version} ({e}); extract "
+                        f"train_val{version}.tar.gz there and rename train_val{version} to {version}") from None
     path = os.path.join(root, f"{split}{version}.json")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} is missing; put the official iNaturalist {version} annotation files "
-                                f"train{version}.json and val{version}.json in {root}")
+        raise UserError(f"{path} is missing; put the official iNaturalist {version} annotation files "
+                        f"train{version}.json and val{version}.json in {root}")
     with open(path) as f:
         wanted = {os.path.join(*img["file_name"].split("/")[-3:]) for img in json.load(f)["images"]}
     keep = [i for i, (cat, fname) in enumerate(ds.index) if os.path.join(ds.all_categories[cat], fname) in wanted]
     if not keep:
-        raise ValueError(f"no image of {path} was found under {ds.root}; check --data-dir and --dataset")
+        raise UserError(f"no image of {path} was found under {ds.root}; check --data-dir and --dataset")
     return torch.utils.data.Subset(ds, keep), len(ds.all_categories)
 
 
 def build_datasets(args):
     train_tf, val_tf = build_transforms(args)
     if not os.path.isdir(args.data_dir):
-        raise FileNotFoundError(f"--data-dir {args.data_dir} does not exist; pass the dataset root")
+        raise UserError(f"--data-dir {args.data_dir} does not exist; pass the dataset root")
     if args.dataset.startswith("inat"):
         (train, num_classes), (val, _) = inat_split(args, "train", train_tf), inat_split(args, "val", val_tf)
         return train, val, num_classes
-    for split in ("train", "val"):
-        if not os.path.isdir(os.path.join(args.data_dir, split)):
-            raise FileNotFoundError(f"{args.data_dir} has no '{split}' folder; an image-folder dataset needs "
-                                    "<data-dir>/train/<class>/*.jpg and <data-dir>/val/<class>/*.jpg")
-    train = torchvision.datasets.ImageFolder(os.path.join(args.data_dir, "train"), train_tf)   # its default loader: RGB
-    val = torchvision.datasets.ImageFolder(os.path.join(args.data_dir, "val"), val_tf)
+    try:   # torchvision: FileNotFoundError for a missing split folder or a class folder without images
+        train, val = (torchvision.datasets.ImageFolder(os.path.join(args.data_dir, split), tf, loader=read_image)
+                      for split, tf in (("train", train_tf), ("val", val_tf)))
+    except FileNotFoundError as e:
+        raise UserError(f"--data-dir {args.data_dir}: {str(e).rstrip('.')}; an image-folder dataset needs "
+                        "<data-dir>/train/<class>/*.jpg and <data-dir>/val/<class>/*.jpg") from None
     if train.classes != val.classes:
-        raise ValueError(f"{args.data_dir}: train/ and val/ have different class folders; they must match")
+        raise UserError(f"--data-dir {args.data_dir}: train/ and val/ have different class folders; they must match")
     return train, val, len(train.classes)
 
 
@@ -390,8 +561,9 @@ def load_data(args, rank, world_size, device):
         return synthetic, None, num_classes
     train_set, val_set, num_classes = build_datasets(args)
     if not args.eval_only and len(train_set) // world_size < args.batch_size:   # --eval-only trains nothing
-        raise ValueError(f"the training set has {len(train_set)} images, fewer than one batch of {args.batch_size} "
-                         f"per process on {world_size} processes; lower --batch-size")
+        raise UserError(f"the training set has {len(train_set)} images, fewer than one batch of {args.batch_size} "
+                        f"per process on {world_size} processes; lower --batch-size")
+    train_set, val_set = Checked(train_set), Checked(val_set)
     shard = torch.utils.data.Subset(val_set, range(rank, len(val_set), world_size))
     val_loader = torch.utils.data.DataLoader(shard, batch_size=args.batch_size, num_workers=args.workers,
                                              pin_memory=device.type == "cuda")
@@ -459,7 +631,7 @@ def lr_at(args, epoch_float):
 def train_one_epoch(args, epoch, model, teacher, regressor, optimizer, train_set, num_classes, rank, world_size, device,
                     max_steps=None):
     """One epoch (its first max_steps steps if given) -> {lr (last step), loss, loss_<term>, train_beta_* (adaptconf),
-    images_per_s}: means over every step of every process, read from the device once, at the end."""
+    bad_images, images_per_s}: means over every step of every process, read from the device once, at the end."""
     # each process: an equal shard of one permutation; seeds for the workers' augmentation, for mixup/cutmix, and for
     # the global RNG: drop path and (with --workers 0) the augmentation
     perm = torch.randperm(len(train_set), generator=seeded("shuffle", args.seed, epoch))
@@ -470,9 +642,12 @@ def train_one_epoch(args, epoch, model, teacher, regressor, optimizer, train_set
     torch.manual_seed(seeded("train", args.seed, rank, epoch).initial_seed())
     model.train()   # (the regressor is never switched to eval)
     mix_rng = random.Random(seeded("mix", args.seed, rank, epoch).initial_seed())
-    sums, beta = {}, torch.zeros(13, dtype=torch.float64, device=device)   # beta: summed beta_counts
-    start = time.time()
-    for step, (images, labels) in zip(range(max_steps or len(loader)), loader):
+    sums, beta, bad = {}, torch.zeros(13, dtype=torch.float64, device=device), 0   # beta: summed beta_counts
+    steps, start = max_steps or len(loader), time.time()
+    progress = Progress(rank, steps, args.batch_size * world_size,
+                        1 if max_steps else min(args.epochs, args.stop_after or args.epochs) - epoch)
+    for step, (images, labels, *paths) in zip(range(steps), loader):   # paths: Checked's unreadable files
+        bad += count_bad(args, *paths)
         lr = lr_at(args, epoch + step / len(loader))
         for group in optimizer.param_groups:
             group["lr"] = lr * group["lr_scale"]
@@ -495,29 +670,32 @@ def train_one_epoch(args, epoch, model, teacher, regressor, optimizer, train_set
             sums[name] = sums.get(name, 0) + value.detach().double()
         if args.loss == "adaptconf":   # Figure 3: β of the training batches
             beta += beta_counts(adaptconf_beta(student_out[0], teacher_out[0], tau=args.tau))
-    totals = all_reduce_sum(torch.cat([torch.stack(list(sums.values())), beta, beta.new_tensor([step + 1])])).cpu()
+        progress.step(step + 1)
+    totals = all_reduce_sum(torch.cat([torch.stack(list(sums.values())), beta, beta.new_tensor([bad, step + 1])])).cpu()
     means = dict(zip(sums, (totals[:len(sums)] / totals[-1]).tolist()))   # totals[-1]: steps of all processes
     check_finite(means, epoch)
-    stats = {"lr": lr, **means}
+    stats = {"lr": lr, **means, "bad_images": int(totals[-2])}
     if args.loss == "adaptconf":
-        stats.update(beta_summary(totals[len(sums):-1], "train_beta"))
+        stats.update(beta_summary(totals[len(sums):-2], "train_beta"))
     return {**stats, "images_per_s": totals[-1].item() * args.batch_size / (time.time() - start)}
 
 
 @torch.no_grad()
 def evaluate(args, model, loader, device):
     """{top1, top5 (percent), images}: each process scores its shard (load_data), the correct counts and totals are
-    summed over processes, so every image counts exactly once."""
+    summed over processes, so every image counts exactly once (and an unreadable one under --skip-bad-images not)."""
     model.eval()   # no drop path: score the deterministic model that is saved (train_one_epoch sets .train())
     counts = torch.zeros(3, dtype=torch.float64, device=device)             # top1, top5, total
-    for images, labels in loader:
+    for images, labels, *paths in loader:
+        if count_bad(args, *paths):   # label -1: Checked's stand-in for an unreadable image, never correct or counted
+            labels = torch.where(torch.tensor([bool(path) for path in paths[0]]), -1, labels)
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         if device.type == "cuda":
             images = images.contiguous(memory_format=torch.channels_last)
         with torch.backends.cudnn.flags(enabled=True, benchmark=True, allow_tf32=False):   # no TF32: as on the CPU
             logits = model(images)   # float32, no autocast: bf16 logits tie or swap the top class for ~1% of images
         counts[:2] += topk_correct(logits.float(), labels, (1, 5)).to(counts)
-        counts[2] += len(labels)
+        counts[2] += (labels >= 0).sum()
     top1, top5, total = all_reduce_sum(counts).tolist()
     return {"top1": 100.0 * top1 / max(total, 1), "top5": 100.0 * top5 / max(total, 1), "images": int(total)}
 
@@ -526,15 +704,20 @@ def main(args):
     rank, world_size, device = setup_distributed()
     try:
         say = print if rank == 0 else (lambda *a, **k: None)
-        if args.out and rank == 0:
-            os.makedirs(args.out, exist_ok=True)
+        global_batch = args.batch_size * world_size
+        args.lr = args.lr or args.blr * global_batch / 256   # before open_run: a resume compares the lr it trains with
+        ckpt = None if args.benchmark or args.eval_only else open_run(args, rank)
+        if (args.benchmark or args.eval_only) and args.out:   # they write benchmark.json or results.json, not a run
+            if args.eval_only and os.path.exists(os.path.join(args.out, "results.json")) and not args.overwrite:
+                raise UserError(f"--out {args.out} holds results.json; pass --overwrite to replace it or another --out")
+            make_out(args.out)
         memory_format = torch.channels_last if device.type == "cuda" else torch.preserve_format
         torch.backends.cudnn.benchmark = True   # fixed input shapes (drop_last): cuDNN picks its convolutions once
         train_set, val_loader, num_classes = load_data(args, rank, world_size, device)
         torch.manual_seed(args.seed)   # the same student initialisation for every loss
         raw_model = build_student(args, num_classes)
         if args.eval_only:
-            load_weights(raw_model, load_state_dict(args.eval_only), f"student from {args.eval_only}")
+            load_weights(raw_model, load_state_dict(args.eval_only, "--eval-only"), f"--eval-only {args.eval_only}")
         elif args.pretrained:
             for line in load_mae_checkpoint(raw_model, args.pretrained):
                 say(f"MAE checkpoint {args.pretrained}: {line}")
@@ -547,7 +730,7 @@ def main(args):
             results = {**evaluate(args, raw_model, val_loader, device), "checkpoint": args.eval_only}
             say(f"eval: top1 {results['top1']:.2f}  top5 {results['top5']:.2f}  ({results['images']} images)")
             if args.out and rank == 0:
-                write_text(json.dumps({**results, "args": vars(args)}, indent=2),
+                write_text(json.dumps({**results, **run_info(world_size, device), "args": vars(args)}, indent=2),
                            os.path.join(args.out, "results.json"))
             return results
 
@@ -560,9 +743,6 @@ def main(args):
                 t_map = teacher_forward(teacher, torch.zeros(1, 3, args.image_size, args.image_size, device=device))[2]
             regressor = FeatureRegressor(raw_model.head.in_features, t_map.shape[1], raw_model.grid,
                                          t_map.shape[-1]).to(device)
-        global_batch = args.batch_size * world_size
-        if args.lr is None:
-            args.lr = args.blr * global_batch / 256
         groups = param_groups_lrd(raw_model, weight_decay=0.05, layer_decay=0.65)   # MAE's ViT-B fine-tuning
         if regressor is not None:
             groups.append({"params": list(regressor.parameters()), "weight_decay": 0.0, "lr_scale": 1.0})
@@ -590,19 +770,12 @@ def main(args):
 
         start_epoch, best, seconds_before, teacher_top1 = 0, {"top1": -1.0, "top5": -1.0, "epoch": -1}, 0.0, None
         ckpt_path = os.path.join(args.out, "checkpoint.pt") if args.out else None
-        if args.resume:
-            if not os.path.isfile(ckpt_path):
-                raise FileNotFoundError(f"--resume needs {ckpt_path}; pass the --out of the run to continue")
-            ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-            load_weights(raw_model, ckpt["model"], f"student from {ckpt_path}")
+        if ckpt is not None:   # open_run: --resume found a checkpoint in --out, made with the same arguments
+            load_weights(raw_model, ckpt["model"], f"--resume {ckpt_path}")
             optimizer.load_state_dict(ckpt["optimizer"])
             if regressor is not None:
                 regressor.load_state_dict(ckpt["regressor"])
-            start_epoch, best, seconds_before, teacher_top1 = (ckpt[k] for k in ("epoch", "best", "seconds",
-                                                                                 "teacher_top1"))
-            if rank == 0:
-                trim_log(args.out, start_epoch)
-            say(f"resumed from {ckpt_path} after epoch {start_epoch}")
+            start_epoch, best, seconds_before, teacher_top1 = map(ckpt.get, "epoch best seconds teacher_top1".split())
         if teacher is not None and start_epoch == 0:   # how weak the teacher is on this validation set
             teacher_top1 = evaluate(args, teacher, val_loader, device)["top1"]
             say(f"teacher top1 {teacher_top1:.2f}")
@@ -632,7 +805,8 @@ def main(args):
         results = {"top1": metrics["top1"], "top5": metrics["top5"], "best_top1": best["top1"],
                    "best_top5": best["top5"], "best_epoch": best["epoch"], "teacher_top1": teacher_top1,
                    "images": metrics["images"], "epochs_done": max(start_epoch, end_epoch),
-                   "seconds": seconds_before + time.time() - start, "world_size": world_size, "args": vars(args)}
+                   "seconds": seconds_before + time.time() - start, **run_info(world_size, device),
+                   "args": vars(args)}
         if args.out and rank == 0:
             write_text(json.dumps(results, indent=2), os.path.join(args.out, "results.json"))
         return results
@@ -641,7 +815,7 @@ def main(args):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p = Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default="imagefolder", choices=["imagefolder", "inat2018", "inat2019"],
                    help="imagefolder: <data-dir>/{train,val}/<class>/*; inat20xx: torchvision's INaturalist layout "
@@ -649,6 +823,8 @@ def parse_args(argv=None):
     g.add_argument("--data-dir", default="data/imagenet", help="dataset root")
     g.add_argument("--image-size", type=int, default=224, help="training and evaluation (centre-crop) image size")
     g.add_argument("--workers", type=int, default=8, help="DataLoader worker processes per training process")
+    g.add_argument("--skip-bad-images", action="store_true", help="replace an unreadable image by another one and "
+                   "count it in the log (bad_images);\ndefault: the run stops, naming the file")
     g = p.add_argument_group("student")
     g.add_argument("--model", default="vit_base_patch16", choices=list(VIT_CONFIGS), help="student ViT")
     g.add_argument("--pretrained", default=None, help="MAE checkpoint (mae_pretrain_vit_base.pth); None = random init")
@@ -684,26 +860,24 @@ def parse_args(argv=None):
     g.add_argument("--dkd-T", type=float, default=1.0, help="DKD temperature (official code 1)")
     g = p.add_argument_group("run")
     g.add_argument("--out", default=None, help="output directory (None: write nothing)")
-    g.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
+    g.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt (a fresh run if none)")
+    g.add_argument("--overwrite", action="store_true", help="start afresh in a non-empty --out")
     g.add_argument("--stop-after", type=int, default=None, help="stop after this many epochs (of the full schedule)")
     g.add_argument("--eval-only", default=None, metavar="CKPT", help="evaluate the student weights at CKPT and stop")
     g.add_argument("--benchmark", type=int, default=0, metavar="STEPS",
                    help="time STEPS steps of the training loop on synthetic images of the real size (no data; without "
                         "--teacher-ckpt the teacher keeps random weights); prints images/s, ms/step")
     args = p.parse_args(argv)
+    check_numbers(p, args)
     if args.loss in ("ce", "dkd") and args.gt_weight <= 0:
         p.error(f"--loss {args.loss} needs ground-truth labels (ce learns from them alone, dkd takes its target class "
                 "from them; the paper has no teacher-only DKD): --gt-weight must be > 0")
     if args.loss != "ce" and not (args.teacher_ckpt or args.benchmark or args.eval_only):
         p.error(f"--loss {args.loss} needs a teacher: pass --teacher-ckpt PATH")
-    if min(args.tau, args.kd_T, args.dkd_T) <= 0:
-        p.error("--tau, --kd-T and --dkd-T must be > 0")
     if args.image_size % VIT_CONFIGS[args.model]["patch_size"]:
         p.error(f"--image-size {args.image_size} is not a multiple of the patch size of {args.model}")
-    if args.resume and not args.out:
-        p.error("--resume continues <out>/checkpoint.pt; pass the --out of the run to continue")
-    if args.benchmark and (args.eval_only or args.resume):
-        p.error("--benchmark times training steps; it cannot be combined with --eval-only or --resume")
+    if sum(map(bool, (args.benchmark, args.eval_only, args.resume))) > 1:
+        p.error("--benchmark, --eval-only and --resume cannot be combined: pass one of them")
     return args
 
 

@@ -1,8 +1,11 @@
 """Tests of cifar.py: the model zoo (sizes, published names), every loss, DDP evaluation, resume, errors, real data."""
+import argparse
+import functools
 import json
 import math
 import os
 import pickle
+import time
 
 import numpy as np
 import pytest
@@ -19,7 +22,8 @@ PARAMS = {"resnet8": 83892, "resnet14": 181108, "resnet20": 278324, "resnet32": 
           "ShuffleV2": 1355528, "MobileNetV2": 812836, "ResNet18": 11220132, "ResNet50": 23705252}
 
 LOSSES = ["ce", "kd", "fitnet", "rkd", "reviewkd", "dkd", "augconf", "adaptconf"]
-TINY = ["--dataset", "synthetic", "--epochs", "1", "--batch-size", "16", "--train-subset", "32", "--test-subset", "33"]
+TINY = ["--dataset", "synthetic", "--epochs", "1", "--warmup-epochs", "0", "--batch-size", "16", "--train-subset", "32",
+        "--test-subset", "33"]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -129,7 +133,7 @@ def test_published_checkpoint_loads_strictly(tmp_path, wrap):
     path = str(tmp_path / "ckpt.pth")
     torch.save(sd if wrap == "bare" else {wrap: sd, "epoch": 240}, path)
     model = cifar.build_model("resnet8", 10)
-    cifar.load_weights(model, cifar.load_state_dict(path), "test")
+    cifar.load_weights(model, cifar.load_state_dict(path, "--teacher-ckpt"), "test")
     assert torch.equal(model.fc.weight, sd["module.fc.weight"])
     if wrap == "model":   # and through the script: as a teacher, and with --eval-only
         result = run(*TINY, "--model", "resnet8", "--loss", "kd", "--teacher", "resnet8", "--teacher-ckpt", path,
@@ -152,7 +156,7 @@ def test_each_loss_trains(tmp_path, teacher_ckpt, loss):
     assert record["images"] == 33
     torch.manual_seed(0)   # the script seeds with --seed 0 right before building the student
     init = cifar.build_model("wrn_16_1", 10).state_dict()
-    ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     assert not torch.equal(ckpt["model"]["fc.weight"], init["fc.weight"])
     if loss in ("fitnet", "reviewkd"):
         assert ckpt["heads"], "the feature loss's trainable heads must be saved for --resume"
@@ -162,14 +166,13 @@ def test_each_loss_trains(tmp_path, teacher_ckpt, loss):
         assert record["beta_hist"][-1] >= record["beta_frac_half"]   # β = 0.5 falls in the last bin
 
 
-def test_teacher_only_training_ignores_labels(tmp_path, teacher_ckpt, capsys):
+def test_teacher_only_training_ignores_labels(tmp_path, teacher_ckpt):
     run(*TINY, "--model", "resnet8", "--loss", "adaptconf", "--teacher", "resnet8", "--teacher-ckpt", teacher_ckpt,
         "--gt-weight", "0", "--out", tmp_path)
     assert "loss_gt" not in read_log(tmp_path)[-1]
-    with pytest.raises(SystemExit):
+    with pytest.raises(cifar.UserError, match="needs labels"):
         run(*TINY, "--model", "resnet8", "--loss", "dkd", "--teacher", "resnet8", "--teacher-ckpt", teacher_ckpt,
             "--gt-weight", "0")
-    assert "needs labels" in capsys.readouterr().err
     # a feature loss alone would leave the classifier untrained: without labels it also learns the teacher's logits
     torch.manual_seed(0)   # the script seeds with --seed 0 right before building the student
     init = cifar.build_model("resnet8", 10).state_dict()
@@ -177,7 +180,7 @@ def test_teacher_only_training_ignores_labels(tmp_path, teacher_ckpt, capsys):
         "--gt-weight", "0", "--out", tmp_path / "rkd")
     record = read_log(tmp_path / "rkd")[-1]
     assert "loss_gt" not in record and record["loss_kd"] > 0 and record["loss_rkd"] > 0
-    trained = torch.load(tmp_path / "rkd" / "checkpoint.pt", weights_only=False)["model"]
+    trained = torch.load(tmp_path / "rkd" / "checkpoint.pt", weights_only=True)["model"]
     assert not torch.equal(trained["fc.bias"], init["fc.bias"])   # no weight decay on biases: only a gradient moves it
 
 
@@ -208,8 +211,8 @@ def test_torchrun_two_processes_count_every_test_image_once(tmp_path, teacher_ck
     out = tmp_path / "ddp"
     proc = run_torchrun("cifar.py", ["--dataset", "synthetic", "--model", "wrn_16_1", "--loss", "fitnet",
                                      "--teacher", "resnet8", "--teacher-ckpt", teacher_ckpt, "--epochs", "1",
-                                     "--batch-size", "16", "--train-subset", "64", "--test-subset", "101",
-                                     "--out", out])
+                                     "--warmup-epochs", "0", "--batch-size", "16", "--train-subset", "64",
+                                     "--test-subset", "101", "--out", out])
     assert "global batch 32" in proc.stdout
     with open(out / "results.json") as f:
         results = json.load(f)
@@ -222,20 +225,121 @@ def test_torchrun_two_processes_count_every_test_image_once(tmp_path, teacher_ck
 
 @pytest.mark.parametrize("loss", ["adaptconf", "fitnet"])   # fitnet: its trainable regressors are resumed too
 def test_resume_reproduces_an_uninterrupted_run(tmp_path, teacher_ckpt, loss):
+    """A run stopped after epoch 1, then killed while writing epoch 2 (its log line written, a cut-off line after it,
+    a half-written temporary checkpoint), resumed: the same weights, log and result as a run never stopped, and
+    every checkpoint it wrote loads with weights_only=True."""
     args = [*TINY, "--train-subset", "48", "--epochs", "2", "--model", "resnet8", "--loss", loss,
             "--teacher", "resnet8", "--teacher-ckpt", teacher_ckpt, "--lr", "3.2"]
     full = run(*args, "--out", tmp_path / "full")
-    run(*args, "--out", tmp_path / "cut", "--stop-after", "1")
-    assert len(read_log(tmp_path / "cut")) == 1
-    resumed = run(*args, "--out", tmp_path / "cut", "--resume")
-    a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=False)
-    b = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)
+    cut = tmp_path / "cut"
+    run(*args, "--out", cut, "--stop-after", "1")
+    assert len(read_log(cut)) == 1
+    with open(cut / "log.jsonl", "a") as f:
+        f.write('{"epoch": 1, "loss": 99.0}\n{"epoch": 2, "lo')
+    (cut / "checkpoint.pt.tmp").write_bytes(b"PK\x03\x04 half a checkpoint")
+    resumed = run(*args, "--out", cut, "--resume")
+    assert not os.path.exists(cut / "checkpoint.pt.tmp")
+    a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)
+    b = torch.load(cut / "checkpoint.pt", weights_only=True)
     assert a["epoch"] == b["epoch"] == 2
     for part in ("model", "heads") if loss == "fitnet" else ("model",):
         for key, tensor in a[part].items():
             assert torch.equal(tensor, b[part][key]), (part, key)
     assert resumed["top1"] == full["top1"]
-    assert [r["loss"] for r in read_log(tmp_path / "cut")] == [r["loss"] for r in read_log(tmp_path / "full")]
+    assert [r["loss"] for r in read_log(cut)] == [r["loss"] for r in read_log(tmp_path / "full")]
+
+
+def test_out_needs_resume_or_overwrite_and_resume_keeps_the_arguments(tmp_path, capsys):
+    """A folder holding a run needs --resume or --overwrite; a resume with other arguments is refused naming them, a
+    longer --epochs continues with a warning; --resume where no checkpoint is (a new folder, an empty one, one killed
+    before its first checkpoint) starts afresh, so one command serves the first launch and every restart."""
+    args = [*TINY, "--model", "resnet8"]
+    out = tmp_path / "run"
+    run(*args, "--out", out)
+    with pytest.raises(cifar.UserError, match="holds a run.*--resume.*--overwrite"):
+        run(*args, "--out", out)
+    with pytest.raises(cifar.UserError) as refused:
+        run(*args, "--out", out, "--resume", "--lr", "0.1", "--seed", "3")
+    assert "--lr (0.2 there, 0.1 now)" in str(refused.value) and "--seed (0 there, 3 now)" in str(refused.value)
+    assert len(read_log(out)) == 1   # refused runs leave the folder as it was
+    capsys.readouterr()
+    run(*args, "--out", out, "--resume", "--epochs", "2")
+    assert "warning: --epochs 2 (was 1)" in capsys.readouterr().out and [r["epoch"] for r in read_log(out)] == [0, 1]
+    run(*args, "--out", out, "--overwrite")
+    assert "a fresh run" in capsys.readouterr().out and [r["epoch"] for r in read_log(out)] == [0]
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "killed").mkdir()
+    (tmp_path / "killed" / "log.jsonl").write_text('{"epoch": 0, "loss": 99.0}\n')
+    for folder in ("new", "empty", "killed"):
+        run(*args, "--out", tmp_path / folder, "--resume")
+        assert "no checkpoint" in capsys.readouterr().out, folder
+        assert [r["epoch"] for r in read_log(tmp_path / folder)] == [0] and read_log(tmp_path / folder)[0]["loss"] < 99
+    (tmp_path / "file").write_text("")
+    with pytest.raises(cifar.UserError, match="--out .*file is a file"):
+        run(*args, "--out", tmp_path / "file")
+
+
+def test_eval_only_and_benchmark_write_one_file_beside_a_run(tmp_path):
+    """They never open the run in --out: each writes its own file there, replaced only with --overwrite."""
+    out = tmp_path / "run"
+    run(*TINY, "--model", "resnet8", "--out", out)
+    log = read_log(out)
+    bench = ["--benchmark", "1", "--model", "resnet8", "--batch-size", "8", "--out", out]
+    run(*bench)
+    with pytest.raises(cifar.UserError, match="holds benchmark.json; pass --overwrite"):
+        run(*bench)
+    run(*bench, "--overwrite")
+    evaluate = [*TINY, "--model", "resnet8", "--eval-only", out / "checkpoint.pt"]
+    with pytest.raises(cifar.UserError, match="holds results.json; pass --overwrite"):
+        run(*evaluate, "--out", out)
+    run(*evaluate, "--out", tmp_path / "eval")
+    assert os.path.isfile(tmp_path / "eval" / "results.json") and read_log(out) == log
+    with pytest.raises(cifar.UserError, match="does not combine"):
+        run(*evaluate, "--out", out, "--resume")
+
+
+@pytest.mark.parametrize("argv", [["--epochs", "0"], ["--epochs", "-1"], ["--batch-size", "0"], ["--tau", "0"],
+                                  ["--tau", "-1"], ["--tau", "nan"], ["--kd-T", "inf"], ["--lr", "0"],
+                                  ["--train-subset", "-5"], ["--test-subset", "-1"], ["--gt-weight", "-1"],
+                                  ["--epochs", "5", "--warmup-epochs", "5"], ["--alpha-max", "1.5"]])
+def test_bad_numbers_are_refused_in_one_line_naming_the_flag(argv):
+    with pytest.raises(cifar.UserError) as refused:
+        cifar.parse_args(argv)
+    message = str(refused.value)
+    assert "error: " + argv[-2] in message and "\n" not in message, message
+
+
+@pytest.mark.parametrize("kind", ["truncated", "random", "empty", "folder", "pickled code"])
+def test_unreadable_checkpoint_is_one_line_naming_the_flag_and_file(tmp_path, teacher_ckpt, kind):
+    path = tmp_path / "bad.pt"
+    with open(teacher_ckpt, "rb") as f:
+        data = f.read()
+    if kind == "folder":
+        path.mkdir()
+    elif kind == "pickled code":   # anything but tensors and plain data could run code: weights_only refuses it
+        torch.save({"model": torch.load(teacher_ckpt)["model"], "args": argparse.Namespace(lr=0.1)}, path)
+    else:
+        path.write_bytes({"truncated": data[:len(data) // 2], "random": np.random.default_rng(0).bytes(4096),
+                          "empty": b""}[kind])
+    for flags in (["--loss", "kd", "--teacher", "resnet8", "--teacher-ckpt", path], ["--eval-only", path]):
+        with pytest.raises(cifar.UserError) as refused:
+            run(*TINY, "--model", "resnet8", *flags)
+        message = str(refused.value)
+        assert f"{flags[-2]} {path} is " in message and "\n" not in message, message
+
+
+def test_progress_line_inside_an_epoch(monkeypatch, capsys):
+    progress = cifar.Progress(0, 4, 32, epochs_left=3, every=0)
+    time.sleep(0.01)
+    progress.step(1)
+    line = capsys.readouterr().out
+    assert line.startswith("  step 1/4  ") and "images/s  epoch ends in" in line and "the run in" in line, line
+    cifar.Progress(1, 4, 32, every=0).step(1)   # only rank 0 prints, and nothing after the last step (the epoch line)
+    cifar.Progress(0, 4, 32, every=0).step(4)
+    assert capsys.readouterr().out == ""
+    monkeypatch.setattr(cifar, "Progress", functools.partial(cifar.Progress, every=0))
+    run(*TINY, "--model", "resnet8")   # 2 steps
+    assert "  step 1/2  " in capsys.readouterr().out
 
 
 def test_lr_schedule_warms_up_per_step_then_cosine_and_scales_with_the_global_batch():
@@ -249,14 +353,14 @@ def test_lr_schedule_warms_up_per_step_then_cosine_and_scales_with_the_global_ba
 
 
 def test_missing_or_malformed_data_dir(tmp_path):
-    with pytest.raises(FileNotFoundError, match="cifar-100-python.*--download"):
-        run("--data-dir", tmp_path / "nowhere", "--model", "resnet8", "--epochs", "1")
+    with pytest.raises(cifar.UserError, match="cifar-100-python.*--download"):
+        run("--data-dir", tmp_path / "nowhere", "--model", "resnet8", "--epochs", "1", "--warmup-epochs", "0")
     broken = tmp_path / "cifar-100-python"
     broken.mkdir()
     for name in ("train", "test"):
         (broken / name).write_bytes(b"not a pickle")
-    with pytest.raises(ValueError, match="not a CIFAR python-pickle file"):
-        run("--data-dir", tmp_path, "--model", "resnet8", "--epochs", "1")
+    with pytest.raises(cifar.UserError, match="not a CIFAR python-pickle file"):
+        run("--data-dir", tmp_path, "--model", "resnet8", "--epochs", "1", "--warmup-epochs", "0")
 
 
 def test_unknown_model():
@@ -266,16 +370,15 @@ def test_unknown_model():
         cifar.build_model("resnet9", 100)
 
 
-def test_bad_teacher_checkpoint_names_the_tensor(tmp_path, teacher_ckpt, capsys):
+def test_bad_teacher_checkpoint_names_the_tensor(tmp_path, teacher_ckpt):
     wrong_classes = str(tmp_path / "t100.pt")
     torch.save({"model": cifar.build_model("resnet8", 100).state_dict()}, wrong_classes)
-    with pytest.raises(ValueError, match=r"tensor 'fc.weight' has shape \(100, 64\)"):
+    with pytest.raises(cifar.UserError, match=r"tensor 'fc.weight' has shape \(100, 64\)"):
         run(*TINY, "--model", "resnet8", "--loss", "kd", "--teacher", "resnet8", "--teacher-ckpt", wrong_classes)
-    with pytest.raises(ValueError, match="tensor 'conv1.weight' has shape"):   # a resnet8 checkpoint for a resnet8x4
+    with pytest.raises(cifar.UserError, match="tensor 'conv1.weight' has shape"):   # resnet8 weights, resnet8x4
         run(*TINY, "--model", "resnet8", "--loss", "kd", "--teacher", "resnet8x4", "--teacher-ckpt", teacher_ckpt)
-    with pytest.raises(SystemExit):   # parse_args stops before any data is read
+    with pytest.raises(cifar.UserError, match="--teacher-ckpt"):   # parse_args stops before any data is read
         run(*TINY, "--model", "resnet8", "--loss", "kd", "--teacher", "resnet8")
-    assert "--teacher-ckpt" in capsys.readouterr().err
 
 
 def test_nan_loss_stops_the_run_before_its_checkpoint(tmp_path):
@@ -294,7 +397,7 @@ def test_cifar10_dataset(tmp_path):
             pickle.dump({"data": rng.integers(0, 256, (20, 3072), dtype=np.uint8),
                          "labels": list(rng.integers(0, 10, 20))}, f)
     result = run("--dataset", "cifar10", "--data-dir", tmp_path, "--model", "resnet8", "--epochs", "1",
-                 "--batch-size", "50")
+                 "--warmup-epochs", "0", "--batch-size", "50")
     assert result["images"] == 20
 
 

@@ -1,5 +1,7 @@
 """Tests of fewshot.py (Meta-Baseline weak-to-strong, Tables 5 and 6): backbones, episodes, the prototype classifier,
-the confidence interval, both stages end to end on a tiny generated miniImageNet, DDP, resume and bad inputs."""
+the confidence interval, both stages end to end on a tiny generated miniImageNet, DDP, --out/--resume and bad inputs
+(each a one-line UserError naming its flag or file)."""
+import functools
 import json
 import math
 import os
@@ -45,11 +47,20 @@ def read_log(out):
         return [json.loads(line) for line in f]
 
 
-def parse_error(capsys, *argv):
-    """parse_args stops with a usage error before any data is read; returns its message."""
-    with pytest.raises(SystemExit):
+def parse_error(*argv):
+    """parse_args stops with a one-line UserError before any data is read; returns its message."""
+    with pytest.raises(fewshot.UserError) as excinfo:
         fewshot.parse_args(list(map(str, argv)))
-    return capsys.readouterr().err
+    assert "\n" not in str(excinfo.value)
+    return str(excinfo.value)
+
+
+def user_error(data_dir, out, *extra):
+    """A run that stops with one UserError line; returns it."""
+    with pytest.raises(fewshot.UserError) as excinfo:
+        run(data_dir, out, *extra)
+    assert "\n" not in str(excinfo.value) and str(excinfo.value).split(": ")[1] == "error"
+    return str(excinfo.value)
 
 
 SHOTS = ("1shot", "1shot_ci", "5shot", "5shot_ci")
@@ -132,10 +143,13 @@ def test_adaptconf_beta_warm_up_is_the_first_quarter_of_epochs():
     args = fewshot.parse_args(["--stage", "meta", "--epochs", "20", "--init", "cls.pt"])
     assert [fewshot.beta_scale(args, e) for e in (0, 1, 4, 5, 19)] == [0.0, 0.2, 0.8, 1.0, 1.0]
     assert (args.lr, args.tau, args.kd_T, args.lr_decay_epoch) == (1e-3, 0.25, 10.0, None)
+    assert fewshot.lr_at(args, 19) == 1e-3                                 # meta stage: no decay
     args = fewshot.parse_args([])
     assert (args.stage, args.epochs, args.lr, args.tau, args.lr_decay_epoch, args.batch_size) == \
-        ("classifier", 100, 0.1, 8.0, 90, 128)
-    assert fewshot.lr_at(args, 89) == 0.1 and fewshot.lr_at(args, 90) == pytest.approx(0.01)
+        ("classifier", 100, 0.1, 8.0, None, 128)
+    assert fewshot.lr_at(args, 89) == 0.1 and fewshot.lr_at(args, 90) == pytest.approx(0.01)   # 0.9·epochs
+    args = fewshot.parse_args(["--epochs", "200"])                         # the default follows --epochs, so a
+    assert fewshot.lr_at(args, 179) == 0.1 and fewshot.lr_at(args, 180) == pytest.approx(0.01)   # resume may extend
 
 
 def test_confidence_interval_matches_its_formula():
@@ -181,10 +195,10 @@ def test_classifier_stage_then_meta_stage_then_evaluation(data_dir, teacher_ckpt
     assert log[0]["lr"] == 1e-3 and log[1]["lr"] == 1e-3
     assert log[0]["scale"] != 10.0                                          # the scale is learned
     assert res["1shot"] > 40 and res["best_epoch"] in (0, 1)
-    ckpt = torch.load(meta / "checkpoint.pt", weights_only=False)
+    ckpt = torch.load(meta / "checkpoint.pt", weights_only=True)
     assert ckpt["epoch"] == 2 and "scale" in ckpt["model"] and "head.weight" not in ckpt["model"]
     # the encoder really came from the classifier stage: untrained, the first BN's running mean would be 0
-    init = torch.load(student / "checkpoint.pt", weights_only=False)["model"]
+    init = torch.load(student / "checkpoint.pt", weights_only=True)["model"]
     assert init["encoder.layer1.0.bn1.running_mean"].abs().sum() > 0
 
     # a meta-stage teacher (Table 6, right half), kd loss
@@ -277,22 +291,67 @@ def test_pickles_are_resized_and_relabelled(data_dir):
 # ---- run contract: resume, DDP, benchmark --------------------------------------------------------------------------
 
 @pytest.mark.parametrize("stage", ["classifier", "meta"])
-def test_resume_reproduces_an_uninterrupted_run(data_dir, teacher_ckpt, tmp_path, stage):
+def test_resume_reproduces_an_uninterrupted_run(data_dir, teacher_ckpt, tmp_path, capsys, stage):
+    """One command line for the first launch and every restart: --resume on a new folder starts afresh; a resume
+    drops a cut-off last log line and a stale temporary file, and ends where the uninterrupted run ends. Our
+    checkpoints load with weights_only=True."""
     args = ["--stage", stage, "--model", "resnet12", "--loss", "adaptconf", "--teacher", "resnet12",
             "--teacher-ckpt", teacher_ckpt, "--epochs", "2", "--batch-size", "48", "--batches-per-epoch", "2",
             "--episodes-per-batch", "1", "--test-episodes", "10", "--lr-decay-epoch", "1"]   # schedule of 2 epochs
     if stage == "meta":
         args += ["--init", teacher_ckpt]
-    run(data_dir, tmp_path / "full", *args)
+    run(data_dir, tmp_path / "full", *args, "--resume")
+    assert "(--resume found no checkpoint)" in capsys.readouterr().out
     interrupted = [a if a != "2" or args[i - 1] != "--epochs" else "1" for i, a in enumerate(args)]
-    run(data_dir, tmp_path / "part", *interrupted)
-    run(data_dir, tmp_path / "part", *args, "--resume")
-    full = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=False)
-    part = torch.load(tmp_path / "part" / "checkpoint.pt", weights_only=False)
+    part = tmp_path / "part"
+    run(data_dir, part, *interrupted)
+    with open(part / "log.jsonl", "a") as f:
+        f.write('{"epoch": 1, "lr": 0.0')                                # killed mid-write
+    (part / "checkpoint.pt.tmp").write_bytes(b"half a checkpoint")        # killed mid-save
+    run(data_dir, part, *args, "--resume")
+    assert "resuming" in capsys.readouterr().out and not (part / "checkpoint.pt.tmp").exists()
+    full = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)
+    resumed = torch.load(part / "checkpoint.pt", weights_only=True)
+    assert full["epoch"] == resumed["epoch"] == 2 and {**full["args"], "out": None} == {**resumed["args"], "out": None}
     for name, tensor in full["model"].items():
-        assert torch.equal(tensor, part["model"][name]), name
-    assert [r["epoch"] for r in read_log(tmp_path / "part")] == [0, 1]
-    assert read_log(tmp_path / "part")[1]["loss"] == read_log(tmp_path / "full")[1]["loss"]
+        assert torch.equal(tensor, resumed["model"][name]), name
+    assert [r["epoch"] for r in read_log(part)] == [0, 1]
+    assert read_log(part)[1]["loss"] == read_log(tmp_path / "full")[1]["loss"]
+    assert json.loads((part / "results.json").read_text())["1shot"] == \
+        json.loads((tmp_path / "full" / "results.json").read_text())["1shot"]
+
+
+def test_out_never_mixes_two_runs(data_dir, tmp_path):
+    base = ["--stage", "classifier", "--model", "resnet12", "--epochs", "1", "--batch-size", "48",
+            "--test-episodes", "10"]
+    (tmp_path / "file").write_text("x")
+    assert "--out " in user_error(data_dir, tmp_path / "file", *base) and "is a file" in user_error(
+        data_dir, tmp_path / "file", "--model", "resnet12", "--eval-only", "x.pt")
+    out = tmp_path / "run"
+    run(data_dir, out, *base)
+    message = user_error(data_dir, out, *base)                            # the same --out again, no --resume
+    assert f"--out {out} holds a run" in message and "--resume" in message and "--overwrite" in message
+    assert len(read_log(out)) == 1
+    message = user_error(data_dir, out, *base, "--lr", "0.05", "--seed", "3", "--resume")
+    assert "--lr (0.1 there, 0.05 now)" in message and "--seed (0 there, 3 now)" in message
+    run(data_dir, out, *base, "--overwrite", "--seed", "3")               # afresh: one log line, the new seed
+    assert len(read_log(out)) == 1 and torch.load(out / "checkpoint.pt", weights_only=True)["args"]["seed"] == 3
+    # --eval-only writes only results.json: into any folder but a training run's
+    assert "holds a training run" in user_error(data_dir, out, "--model", "resnet12", "--eval-only",
+                                                out / "checkpoint.pt")
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "notes.txt").write_text("kept")
+    for _ in range(2):                                                    # an existing folder, an earlier result
+        run(data_dir, tmp_path / "eval", "--model", "resnet12", "--eval-only", out / "checkpoint.pt")
+    assert sorted(os.listdir(tmp_path / "eval")) == ["notes.txt", "results.json"]
+    assert "--resume and --overwrite are for training runs" in parse_error("--eval-only", "x.pt", "--resume")
+
+
+def test_progress_lines_inside_an_epoch(monkeypatch, capsys):
+    monkeypatch.setattr(fewshot, "Progress", functools.partial(fewshot.Progress, every=0.0))   # a line every step
+    fewshot.main(fewshot.parse_args(["--benchmark", "2", "--model", "resnet12", *TINY, "--batch-size", "8"]))
+    out = capsys.readouterr().out
+    assert "step 4/5" in out and "step 1/2" in out and "step 2/2" not in out and "images/s  epoch ends in" in out
 
 
 def test_torchrun_two_processes_train_and_evaluate_every_episode_once(data_dir, teacher_ckpt, tmp_path):
@@ -347,62 +406,132 @@ def test_training_steps_make_no_host_sync(stage):
 
 # ---- bad inputs ----------------------------------------------------------------------------------------------------
 
-def test_official_meta_baseline_checkpoint_format_is_read(tmp_path, teacher_ckpt):
-    ours = torch.load(teacher_ckpt, weights_only=False)["model"]
-    official = {"model": "classifier", "model_sd": {k.replace("head.", "classifier.linear."): v
-                                                    for k, v in ours.items()}}
-    torch.save(official, tmp_path / "epoch-last.pth")
-    read = fewshot.read_weights(str(tmp_path / "epoch-last.pth"))
+def meta_baseline_checkpoint(path, model_sd, model_name, legacy=False):
+    """A checkpoint as Meta-Baseline's and the official code's train_classifier.py / train_meta.py save it: the yaml
+    config, the model's name and arguments, its state_dict and the training state (SGD's state_dict)."""
+    params = [torch.nn.Parameter(v.float().clone()) for v in list(model_sd.values())[:2]]
+    optimizer = torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=5e-4)
+    sum(p.sum() for p in params).backward()
+    optimizer.step()
+    config = {"train_dataset": "mini-imagenet", "train_dataset_args": {"split": "train", "augment": "resize"},
+              "model": model_name, "model_args": {"encoder": "resnet12", "encoder_args": {}},
+              "optimizer": "sgd", "optimizer_args": {"lr": 0.1, "weight_decay": 5.e-4, "milestones": [90]},
+              "max_epoch": 100, "_parallel": True, "_gpu": "0,1,2,3"}
+    save_obj = {"file": "train_classifier.py", "config": config, "model": model_name,
+                "model_args": config["model_args"], "model_sd": model_sd,
+                "training": {"epoch": 100, "optimizer": "sgd", "optimizer_args": config["optimizer_args"],
+                             "optimizer_sd": optimizer.state_dict()}}
+    torch.save(save_obj, path, _use_new_zipfile_serialization=not legacy)   # legacy: torch < 1.6's format
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_official_meta_baseline_checkpoint_format_is_read_weights_only(tmp_path, teacher_ckpt, legacy):
+    ours = torch.load(teacher_ckpt, weights_only=True)["model"]
+    official = {k.replace("head.", "classifier.linear."): v for k, v in ours.items()}
+    meta_baseline_checkpoint(tmp_path / "epoch-last.pth", official, "classifier", legacy)
+    read = fewshot.read_weights(str(tmp_path / "epoch-last.pth"), "--teacher-ckpt")
     assert read.keys() == ours.keys() and all(torch.equal(read[k], ours[k]) for k in ours)
+    meta = {**{k: v for k, v in official.items() if k.startswith("encoder.")}, "temp": torch.tensor(7.0)}
+    meta_baseline_checkpoint(tmp_path / "max-va.pth", meta, "meta-baseline", legacy)
+    read = fewshot.read_weights(str(tmp_path / "max-va.pth"), "--init")
+    assert read["scale"] == 7.0 and "head.weight" not in read
+    assert fewshot.encoder_weights(str(tmp_path / "max-va.pth"), "--init").keys() == {
+        k[len("encoder."):] for k in ours if k.startswith("encoder.")}
 
 
 def test_missing_split(tmp_path):
     root = write_pickles(tmp_path)
     os.remove(os.path.join(root, "miniImageNet_category_split_test.pickle"))
-    with pytest.raises(FileNotFoundError, match="test split is missing"):
-        run(root, tmp_path / "o", "--epochs", "1", "--model", "resnet12")
-    with pytest.raises(FileNotFoundError, match="train split is missing"):
-        run(str(tmp_path / "nowhere"), tmp_path / "o", "--epochs", "1", "--model", "resnet12")
+    assert "test split is missing" in user_error(root, tmp_path / "o", "--epochs", "1", "--model", "resnet12")
+    assert "train split is missing" in user_error(str(tmp_path / "nowhere"), tmp_path / "o", "--epochs", "1")
+    with open(os.path.join(root, "miniImageNet_category_split_val.pickle"), "r+b") as f:
+        f.truncate(100)                                                    # a download cut short
+    assert "split_val.pickle is not a miniImageNet pickle" in user_error(root, tmp_path / "o", "--epochs", "1")
 
 
 def test_too_few_images_per_class(tmp_path):
     root = write_pickles(tmp_path, per_class=(12, 7, 8))    # val: 7 < 5 shots + 3 queries
-    with pytest.raises(ValueError, match="only 7 images.*shot \\+ query = 8"):
-        run(root, tmp_path / "o", "--epochs", "1", "--model", "resnet12")
-    with pytest.raises(ValueError, match="5 classes, fewer than the 6"):
-        run(root, tmp_path / "o", "--epochs", "1", "--model", "resnet12", "--way", "6")
+    assert "only 7 images, but an episode needs shot + query = 8" in user_error(root, tmp_path / "o", "--epochs", "1")
+    assert "5 classes, fewer than the 6" in user_error(root, tmp_path / "o", "--epochs", "1", "--way", "6")
 
 
-def test_bad_arguments_stop_in_parse_args(capsys, tmp_path, monkeypatch):
-    assert "pass --teacher and --teacher-ckpt" in parse_error(capsys, "--loss", "kd")
-    assert "pass --teacher and --teacher-ckpt" in parse_error(capsys, "--loss", "kd", "--teacher", "resnet12")
-    assert "pass --init" in parse_error(capsys, "--stage", "meta")
-    assert "--init is for the meta stage" in parse_error(capsys, "--init", "cls.pt")
-    assert "nothing to learn from" in parse_error(capsys, "--gt-weight", "0")
-    assert "temperatures" in parse_error(capsys, "--loss", "adaptconf", "--teacher", "resnet12", "--teacher-ckpt",
-                                         "t.pt", "--tau", "0")
-    assert "does not exist" in parse_error(capsys, "--resume", "--out", tmp_path)
-    assert "does not exist" in parse_error(capsys, "--resume")
-    monkeypatch.chdir(tmp_path)                                            # not even with ./checkpoint.pt there
-    (tmp_path / "checkpoint.pt").write_bytes(b"")
-    assert "does not exist" in parse_error(capsys, "--resume")
+def test_an_unreadable_image_stops_the_run_before_training_with_its_path(tmp_path):
+    root = make_image_tree(str(tmp_path / "tree"), splits=("train", "val", "test"), num_classes=5, per_class=8,
+                           size=20)
+    bad = os.path.join(root, "val", "class_002", "0003.JPEG")
+    with open(bad, "r+b") as f:
+        f.truncate(os.path.getsize(bad) // 2)                              # a truncated JPEG
+    message = user_error(root, tmp_path / "out", "--model", "resnet12", "--epochs", "1", "--batch-size", "16")
+    assert f"cannot read the image {bad}" in message
+    assert not os.path.exists(tmp_path / "out" / "log.jsonl")             # stopped before training
 
 
-def test_bad_teachers_and_missing_init(data_dir, teacher_ckpt, tmp_path):
+def test_bad_arguments_stop_in_parse_args():
+    assert "pass --teacher and --teacher-ckpt" in parse_error("--loss", "kd")
+    assert "pass --teacher and --teacher-ckpt" in parse_error("--loss", "kd", "--teacher", "resnet12")
+    assert "pass --init" in parse_error("--stage", "meta")
+    assert "--init is for the meta stage" in parse_error("--init", "cls.pt")
+    assert "nothing to learn from" in parse_error("--gt-weight", "0")
+    assert "invalid choice" in parse_error("--loss", "dkd")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--epochs", "0"], "--epochs must be > 0 and finite, got 0"),
+    (["--epochs", "-1"], "--epochs must be > 0"),
+    (["--batch-size", "0"], "--batch-size must be > 0"),
+    (["--tau", "0"], "--tau must be > 0"), (["--tau", "-1"], "--tau must be > 0"),
+    (["--tau", "nan"], "--tau must be > 0 and finite, got nan"),
+    (["--kd-T", "inf"], "--kd-T must be > 0 and finite, got inf"),
+    (["--lr", "0"], "--lr must be > 0"),
+    (["--test-episodes", "-1"], "--test-episodes must be > 0"),
+    (["--val-episodes", "0"], "--val-episodes must be > 0"),
+    (["--query", "0"], "--query must be > 0"), (["--width", "0"], "--width must be > 0"),
+    (["--lr-decay-epoch", "-1"], "--lr-decay-epoch must be >= 0"), (["--weight-decay", "-1e-4"], "--weight-decay"),
+    (["--kd-weight", "nan"], "--kd-weight must be >= 0 and finite"),
+    (["--benchmark", "-2"], "--benchmark must be >= 0"),
+    (["--stage", "meta", "--init", "x.pt", "--batches-per-epoch", "0"], "--batches-per-epoch must be > 0"),
+])
+def test_bad_numbers_are_refused_naming_the_flag(argv, message):
+    assert message in parse_error(*argv)
+
+
+@pytest.mark.parametrize("kind", ["truncated", "random", "empty", "folder", "missing"])
+@pytest.mark.parametrize("flag", ["--teacher-ckpt", "--eval-only", "--init"])
+def test_a_bad_checkpoint_is_one_line_naming_its_flag_and_file(data_dir, teacher_ckpt, tmp_path, flag, kind):
+    path = tmp_path / "bad.pt"
+    if kind == "truncated":
+        data = open(teacher_ckpt, "rb").read()
+        path.write_bytes(data[:len(data) // 2])
+    elif kind == "random":
+        path.write_bytes(np.random.default_rng(0).bytes(4096))
+    elif kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "folder":
+        path.mkdir()
+    argv = {"--teacher-ckpt": ["--loss", "kd", "--teacher", "resnet12", "--teacher-ckpt", path],
+            "--eval-only": ["--eval-only", path],
+            "--init": ["--stage", "meta", "--init", path]}[flag]
+    message = user_error(data_dir, tmp_path / "o", "--model", "resnet12", "--epochs", "1", *argv)
+    assert f"{flag} {path} is " in message
+    assert {"folder": "a folder", "missing": "missing"}.get(kind, "not a readable weights-only") in message
+
+
+def test_bad_teachers_and_inits(data_dir, teacher_ckpt, tmp_path):
     base = ["--epochs", "1", "--model", "resnet12"]
-    with pytest.raises(ValueError, match="layer1.0.conv1.weight"):             # a ResNet-12 checkpoint as ResNet-18
-        run(data_dir, tmp_path / "o", *base, "--loss", "kd", "--teacher", "resnet18", "--teacher-ckpt", teacher_ckpt)
+    message = user_error(data_dir, tmp_path / "o", *base, "--loss", "kd", "--teacher", "resnet18", "--teacher-ckpt",
+                         teacher_ckpt)                                     # a ResNet-12 checkpoint as ResNet-18
+    assert f"--teacher-ckpt {teacher_ckpt}" in message and "layer1.0.conv1.weight" in message
     os.makedirs(tmp_path / "other")
     other = write_pickles(tmp_path / "other", classes=(6, 5, 5))
-    with pytest.raises(ValueError, match=r"'head.weight' has shape \(8, 32\) in the checkpoint but \(6, 32\)"):
-        run(other, tmp_path / "o", *base, "--loss", "kd", "--teacher", "resnet12", "--teacher-ckpt", teacher_ckpt)
+    message = user_error(other, tmp_path / "o", *base, "--loss", "kd", "--teacher", "resnet12", "--teacher-ckpt",
+                         teacher_ckpt)
+    assert "'head.weight' has shape (8, 32) in the checkpoint but (6, 32)" in message
     meta_checkpoint(tmp_path / "meta.pt")
-    with pytest.raises(ValueError, match="no linear head; the classifier stage needs a classifier-stage teacher"):
-        run(data_dir, tmp_path / "o", *base, "--loss", "kd", "--teacher", "resnet12", "--teacher-ckpt",
-            tmp_path / "meta.pt")
-    (tmp_path / "junk.pt").write_text("not a checkpoint")
-    with pytest.raises(ValueError, match="not a PyTorch checkpoint"):
-        run(data_dir, tmp_path / "o", *base, "--loss", "kd", "--teacher", "resnet12", "--teacher-ckpt",
-            tmp_path / "junk.pt")
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        run(data_dir, tmp_path / "o", *base, "--stage", "meta", "--init", tmp_path / "absent.pt")
+    assert "has no linear head; the classifier stage needs a classifier-stage teacher" in user_error(
+        data_dir, tmp_path / "o", *base, "--loss", "kd", "--teacher", "resnet12", "--teacher-ckpt",
+        tmp_path / "meta.pt")
+    torch.save({"model": {"fc.weight": torch.zeros(2, 2)}}, tmp_path / "other.pt")   # a model of something else
+    message = user_error(data_dir, tmp_path / "o", *base, "--stage", "meta", "--init", tmp_path / "other.pt")
+    assert f"--init {tmp_path / 'other.pt'} holds no 'encoder.*' tensors" in message
+    torch.save({"args": {"lr": 0.1}}, tmp_path / "nomodel.pt")
+    assert "holds no state_dict" in user_error(data_dir, tmp_path / "o", *base, "--eval-only", tmp_path / "nomodel.pt")

@@ -84,6 +84,15 @@ def test_cifar_trains_and_evaluates_on_cuda_like_on_the_cpu(tmp_path):
     finally:
         torch.cuda.is_available = available
     assert gpu["top1"] == pytest.approx(cpu["top1"], abs=0.11)   # at most one of 1,000 images may flip
+    # the logits themselves, on images the net has not seen (the accuracy alone may be 100% on both)
+    model = cifar.build_model("resnet8", 10).eval()
+    cifar.load_weights(model, cifar.load_state_dict(str(out / "checkpoint.pt"), "--eval-only"), "checkpoint")
+    x = torch.randn(256, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        on_cpu = model(x)
+        with torch.backends.cudnn.flags(enabled=True, benchmark=True, allow_tf32=False):
+            on_gpu = model.cuda().to(memory_format=torch.channels_last)(x.cuda()).cpu()
+    assert torch.allclose(on_gpu, on_cpu, atol=1e-4, rtol=1e-4), (on_gpu - on_cpu).abs().max()
 
 
 def test_imagenet_and_transfer_evaluate_on_cuda(tmp_path):
@@ -94,6 +103,6 @@ def test_imagenet_and_transfer_evaluate_on_cuda(tmp_path):
                                                 "--workers", "1"]))
     assert result["images"] == 24
     result = transfer.main(transfer.parse_args(["--data-dir", root, "--model", "vit_tiny_test", "--loss", "ce",
-                                                "--epochs", "1", "--batch-size", "8", "--image-size", "64",
-                                                "--workers", "1"]))
+                                                "--epochs", "1", "--warmup-epochs", "0", "--batch-size", "8",
+                                                "--image-size", "64", "--workers", "1"]))
     assert result["images"] == 24

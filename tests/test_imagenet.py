@@ -1,7 +1,11 @@
 """imagenet.py on CPU with tiny generated ImageFolder trees: models, feature shapes, train → distil → evaluate,
-a real two-process torchrun, exact resume, the benchmark on synthetic images, and the errors people hit first."""
+a real two-process torchrun, exact resume, the benchmark on synthetic images, and the errors people hit first
+(bad numbers, corrupt checkpoints, --out/--resume mistakes, unreadable images): one UserError line each."""
+import argparse
+import itertools
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -49,11 +53,22 @@ def loss_args(loss, *extra):
                                 "unread.pt", *extra])
 
 
-def refused(argv, capsys):
-    """parse_args refuses `argv`: returns argparse's message."""
-    with pytest.raises(SystemExit):
+def refused(argv):
+    """parse_args refuses `argv`: returns the UserError's one line."""
+    with pytest.raises(SystemExit) as excinfo:
         imagenet.parse_args(argv)
-    return capsys.readouterr().err
+    return str(excinfo.value)
+
+
+def stops(argv, *patterns):
+    """main(parse_args(argv)) stops with one UserError line (no traceback) that matches every regex pattern."""
+    with pytest.raises(imagenet.UserError) as excinfo:
+        imagenet.main(imagenet.parse_args(argv))
+    message = str(excinfo.value)
+    assert message.startswith(f"{os.path.basename(imagenet.sys.argv[0])}: error: ") and "\n" not in message, message
+    for pattern in patterns:
+        assert re.search(pattern, message), (pattern, message)
+    return message
 
 
 def test_mobilenetv1_matches_the_published_size_and_names():
@@ -188,22 +203,42 @@ def test_two_process_torchrun_counts_every_val_image_once(data_dir, teacher_ckpt
     assert single["val_loss"] == pytest.approx(result["val_loss"], rel=1e-6)
 
 
-def test_resume_reproduces_an_uninterrupted_run(data_dir, teacher_ckpt, tmp_path):
+def test_resume_reproduces_an_uninterrupted_run(data_dir, teacher_ckpt, tmp_path, capsys):
+    """One command line (--resume) for the first launch into an empty folder and for the restart; the restart drops a
+    cut-off log line and a killed write's checkpoint.pt.tmp, refuses changed arguments, and ends where an
+    uninterrupted run ends. --overwrite starts afresh in a folder holding a run."""
     ckpt, _ = teacher_ckpt
     base = ["--data-dir", data_dir, "--model", "resnet18", "--teacher", "resnet18", "--teacher-ckpt", ckpt,
             "--loss", "fitnet", *TINY]
     full, split = str(tmp_path / "full"), str(tmp_path / "split")
-    imagenet.main(imagenet.parse_args([*base, "--epochs", "2", "--out", full]))
-    imagenet.main(imagenet.parse_args([*base, "--epochs", "1", "--out", split]))
+    os.makedirs(full)
+    with open(os.path.join(full, "log.jsonl"), "w") as f:   # an earlier run's log
+        f.write('{"epoch": 0, "loss": 99.0}\n')
+    stops([*base, "--epochs", "2", "--out", full], "--out .*full holds a run \\(log.jsonl\\); pass --resume")
+    imagenet.main(imagenet.parse_args([*base, "--epochs", "2", "--out", full, "--overwrite"]))
+    os.makedirs(split)
+    imagenet.main(imagenet.parse_args([*base, "--epochs", "1", "--out", split, "--resume"]))   # empty: a fresh run
+    assert "a fresh run" in capsys.readouterr().out
+    # a killed second epoch: half a log line, a half-written checkpoint
+    with open(os.path.join(split, "log.jsonl"), "a") as f:
+        f.write('{"epoch": 1, "lr": 0.')
+    with open(os.path.join(split, "checkpoint.pt.tmp"), "wb") as f:
+        f.write(b"PK\x03\x04 half")
+    stops([*base, "--epochs", "2", "--out", split, "--resume", "--lr", "0.2", "--seed", "1"],
+          "--resume: the run in --out was started with other --lr \\(0.4 there, 0.2 now\\), --seed \\(0 there, 1 "
+          "now\\)")
     imagenet.main(imagenet.parse_args([*base, "--epochs", "2", "--out", split, "--resume"]))
-    a = torch.load(os.path.join(full, "checkpoint.pt"), weights_only=False)
-    b = torch.load(os.path.join(split, "checkpoint.pt"), weights_only=False)
+    assert "resuming" in capsys.readouterr().out
+    assert sorted(os.listdir(split)) == ["checkpoint.pt", "log.jsonl", "results.json"]
+    # every checkpoint we write loads weights_only (resuming read it so, too)
+    a = torch.load(os.path.join(full, "checkpoint.pt"), weights_only=True)
+    b = torch.load(os.path.join(split, "checkpoint.pt"), weights_only=True)
     for part in ("model", "head"):
         assert a[part].keys() == b[part].keys()
         for name in a[part]:
             assert torch.equal(a[part][name], b[part][name]), f"{part} tensor {name} differs after resume"
-    assert [r["epoch"] for r in read_log(split)] == [0, 1]
-    assert read_log(split)[1]["loss"] == read_log(full)[1]["loss"]
+    assert [r["epoch"] for r in read_log(split)] == [r["epoch"] for r in read_log(full)] == [0, 1]
+    assert [r["loss"] for r in read_log(split)] == [r["loss"] for r in read_log(full)]
     assert read_results(split)["teacher_top1"] == read_results(full)["teacher_top1"]
 
 
@@ -219,8 +254,12 @@ def test_benchmark_runs_the_training_step_on_synthetic_images(tmp_path, capsys):
     assert result["images_per_s"] == saved["images_per_s"]
     assert "images/s" in capsys.readouterr().out
     assert sorted(os.listdir(out)) == ["benchmark.json"]      # a benchmark trains, but keeps nothing
+    with open(os.path.join(out, "log.jsonl"), "w") as f:      # beside a run, it replaces only benchmark.json
+        f.write('{"epoch": 0}\n')
+    imagenet.main(imagenet.parse_args(["--model", "resnet18", "--benchmark", "1", "--out", out, *TINY]))
+    assert sorted(os.listdir(out)) == ["benchmark.json", "log.jsonl"]
     assert imagenet.main(imagenet.parse_args(["--model", "resnet18", "--benchmark", "1", *TINY]))["ms_per_step"] > 0
-    assert "distils from a teacher" in refused(["--loss", "kd", "--benchmark", "1"], capsys)
+    assert "distils from a teacher" in refused(["--loss", "kd", "--benchmark", "1"])
 
 
 def test_training_steps_make_no_host_sync(data_dir):
@@ -242,59 +281,141 @@ def test_training_steps_make_no_host_sync(data_dir):
                                                                  max_steps=steps)) == {}
 
 
-def test_arguments_are_checked_before_any_data_is_read(tmp_path, capsys):
-    assert "needs labels" in refused(["--loss", "ce", "--gt-weight", "0"], capsys)
+def test_arguments_are_checked_before_any_data_is_read():
+    assert "needs labels" in refused(["--loss", "ce", "--gt-weight", "0"])
     assert "needs labels" in refused(["--loss", "dkd", "--teacher", "resnet18", "--teacher-ckpt", "t.pt",
-                                      "--gt-weight", "0"], capsys)
-    assert "pass --teacher and exactly one" in refused(["--loss", "adaptconf"], capsys)
+                                      "--gt-weight", "0"])
+    assert "pass --teacher and exactly one" in refused(["--loss", "adaptconf"])
     assert "pass --teacher and exactly one" in refused(["--loss", "kd", "--teacher", "resnet18", "--teacher-ckpt",
-                                                        "t.pt", "--teacher-weights", "IMAGENET1K_V1"], capsys)
+                                                        "t.pt", "--teacher-weights", "IMAGENET1K_V1"])
     assert "has no weights 'IMAGENET1K_V9'" in refused(["--teacher", "resnet18", "--teacher-weights",
-                                                        "IMAGENET1K_V9", "--loss", "kd"], capsys)
+                                                        "IMAGENET1K_V9", "--loss", "kd"])
     assert "no weights 'IMAGENET1K_V1' for mobilenetv1" in refused(["--teacher", "mobilenetv1", "--teacher-weights",
-                                                                    "IMAGENET1K_V1", "--loss", "kd"], capsys)
-    assert "must be positive" in refused(["--tau", "0"], capsys)
-    assert "--resume continues" in refused(["--resume"], capsys)
-    assert "--resume continues" in refused(["--resume", "--out", str(tmp_path)], capsys)   # no checkpoint there
-    refused(["--model", "resnet1001"], capsys)   # argparse refuses unknown models by name
+                                                                    "IMAGENET1K_V1", "--loss", "kd"])
+    assert "invalid choice: 'resnet1001'" in refused(["--model", "resnet1001"])   # unknown models by name
+    # numbers: finite, counts/rates/temperatures > 0, fractions in [0, 1], the rest >= 0; the flag is named
+    for flag, value, rule in [("--epochs", "0", "> 0"), ("--epochs", "-1", "> 0"), ("--batch-size", "0", "> 0"),
+                              ("--lr", "0", "> 0"), ("--lr", "inf", "> 0"), ("--tau", "0", "> 0"),
+                              ("--tau", "-1", "> 0"), ("--tau", "nan", "> 0"), ("--kd-T", "0", "> 0"),
+                              ("--dkd-T", "-2", "> 0"), ("--image-size", "0", "> 0"), ("--workers", "-1", ">= 0"),
+                              ("--crop-fraction", "0", "in (0, 1]"), ("--label-smoothing", "1.5", "in [0, 1]"),
+                              ("--kd-weight", "-1", ">= 0"), ("--benchmark", "-3", ">= 0")]:
+        message = refused(["--model", "resnet18", flag, value])
+        head, got = message.rsplit(", got ", 1)
+        assert head.endswith(f": error: {flag} must be {rule} and finite"), message
+        assert got in (value, str(float(value))), message
 
 
 def test_bad_inputs_stop_with_a_sentence(data_dir, teacher_ckpt, tmp_path):
     ckpt, _ = teacher_ckpt
-    with pytest.raises(FileNotFoundError, match="nowhere does not exist"):
-        imagenet.main(imagenet.parse_args(["--data-dir", str(tmp_path / "nowhere"), *TINY]))
+    stops(["--data-dir", str(tmp_path / "nowhere"), *TINY], "--data-dir .*nowhere does not exist")
     make_image_tree(str(tmp_path / "no_train"), splits=("val",), num_classes=2, per_class=1, size=8)
-    with pytest.raises(FileNotFoundError, match="no train/ folder"):
-        imagenet.main(imagenet.parse_args(["--data-dir", str(tmp_path / "no_train"), *TINY]))
+    stops(["--data-dir", str(tmp_path / "no_train"), *TINY], "no train/ folder in --data-dir")
     # val/ exists with class folders, train/ exists but holds no images
     empty = tmp_path / "empty"
     make_image_tree(str(empty), splits=("val",), num_classes=2, per_class=1, size=8)
     os.makedirs(empty / "train" / "class_000")
-    with pytest.raises(FileNotFoundError, match="holds no class folders with images"):
-        imagenet.main(imagenet.parse_args(["--data-dir", str(empty), *TINY]))
+    stops(["--data-dir", str(empty), *TINY], "train holds no class folders with images")
     # a teacher trained on 3 classes cannot teach on 4
     four = str(tmp_path / "four")
     make_image_tree(four, num_classes=4, per_class=2, size=8)
-    with pytest.raises(SystemExit, match="predicts 3 classes but the data has 4"):
-        imagenet.main(imagenet.parse_args(["--data-dir", four, "--model", "resnet18", "--teacher", "resnet18",
-                                           "--teacher-ckpt", ckpt, "--loss", "kd", *TINY]))
+    stops(["--data-dir", four, "--model", "resnet18", "--teacher", "resnet18", "--teacher-ckpt", ckpt, "--loss", "kd",
+           *TINY], "--teacher-ckpt .*checkpoint.pt\\) predicts 3 classes but the data has 4")
     # train/ and val/ disagree on the classes
     mixed = str(tmp_path / "mixed")
     make_image_tree(mixed, splits=("train",), num_classes=3, per_class=2, size=8)
     make_image_tree(mixed, splits=("val",), num_classes=2, per_class=2, size=8)
-    with pytest.raises(ValueError, match="train/ has 3 classes and val/ has 2"):
-        imagenet.main(imagenet.parse_args(["--data-dir", mixed, *TINY]))
+    stops(["--data-dir", mixed, *TINY], "train/ has 3 classes and val/ has 2")
+    stops(["--data-dir", data_dir, *TINY, "--batch-size", "64"], "fewer than one batch of 64 .* lower --batch-size")
     # torchvision weights: 1000 ImageNet classes (checked offline, before any download)
-    with pytest.raises(SystemExit, match="predicts 1000 classes but the data has 3"):
-        imagenet.main(imagenet.parse_args(["--data-dir", data_dir, "--teacher", "resnet18", "--teacher-weights",
-                                           "IMAGENET1K_V1", "--loss", "kd", *TINY]))
+    stops(["--data-dir", data_dir, "--teacher", "resnet18", "--teacher-weights", "IMAGENET1K_V1", "--loss", "kd",
+           *TINY], "predicts 1000 classes but the data has 3")
     # a checkpoint of another architecture names the first mismatching tensor
-    with pytest.raises(ValueError, match="tensor 'model.0.0.weight' is missing"):
-        imagenet.main(imagenet.parse_args(["--data-dir", data_dir, "--teacher", "mobilenetv1", "--teacher-ckpt",
-                                           ckpt, "--loss", "kd", *TINY]))
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        imagenet.main(imagenet.parse_args(["--data-dir", data_dir, "--teacher", "resnet18", "--teacher-ckpt",
-                                           str(tmp_path / "missing.pt"), "--loss", "kd", *TINY]))
+    stops(["--data-dir", data_dir, "--teacher", "mobilenetv1", "--teacher-ckpt", ckpt, "--loss", "kd", *TINY],
+          "--teacher-ckpt .*: tensor 'model.0.0.weight' is missing")
+    stops(["--data-dir", data_dir, "--eval-only", ckpt, "--model", "resnet34", *TINY],
+          "--eval-only .*: tensor 'layer1.2.conv1.weight' is missing")
+    stops(["--resume", *TINY], "--resume continues the run in --out; pass --out")
+
+
+def test_unreadable_checkpoints_name_their_flag_and_file(data_dir, teacher_ckpt, tmp_path):
+    """Missing, a folder, truncated, random bytes, empty, or a pickle that is no weights-only checkpoint: one line
+    naming the flag and the file, for the teacher and for --eval-only (both read weights_only)."""
+    ckpt, _ = teacher_ckpt
+    with open(ckpt, "rb") as f:
+        intact = f.read()
+    files = {"truncated.pt": intact[:len(intact) // 2], "random.pt": os.urandom(4096), "empty.pt": b""}
+    for name, data in files.items():
+        with open(tmp_path / name, "wb") as f:
+            f.write(data)
+    torch.save({"model": {"fc.weight": torch.zeros(3, 2)}, "args": argparse.Namespace(lr=0.1)}, tmp_path / "pickle.pt")
+    bad = {name: "is not a readable weights-only PyTorch checkpoint" for name in [*files, "pickle.pt"]}
+    bad.update({"missing.pt": "is missing; pass a checkpoint file", "": "is a folder; pass a checkpoint file"})
+    for name, problem in bad.items():
+        path = str(tmp_path / name)
+        stops(["--data-dir", data_dir, "--teacher", "resnet18", "--teacher-ckpt", path, "--loss", "kd", *TINY],
+              f"--teacher-ckpt {re.escape(path)} {problem}")
+        stops(["--data-dir", data_dir, "--model", "resnet18", "--eval-only", path, *TINY],
+              f"--eval-only {re.escape(path)} {problem}")
+
+
+def test_out_is_checked_before_any_data_is_read(teacher_ckpt, tmp_path):
+    """A file as --out, a second run into a run's folder; --eval-only writes results.json only with --overwrite
+    where one is (it never deletes a run's checkpoint or log)."""
+    ckpt, _ = teacher_ckpt
+    run = os.path.dirname(ckpt)   # the teacher's run: checkpoint.pt, log.jsonl, results.json
+    (tmp_path / "file").write_text("x")
+    nowhere = ["--data-dir", str(tmp_path / "nowhere"), "--model", "resnet18", *TINY]   # never read
+    stops([*nowhere, "--out", str(tmp_path / "file")], "--out .*file is a file; pass a folder")
+    stops([*nowhere, "--out", str(tmp_path / "file"), "--eval-only", ckpt], "--out .*file cannot be created")
+    stops([*nowhere, "--out", str(tmp_path / "file" / "sub"), "--benchmark", "1"], "--out .*sub cannot be created")
+    stops([*nowhere, "--out", run], "holds a run \\(checkpoint.pt, log.jsonl, results.json\\); pass --resume to "
+          "continue it, --overwrite to start afresh, or another --out")
+    stops([*nowhere, "--out", run, "--eval-only", ckpt], "holds results.json; pass --overwrite to replace it")
+    stops([*nowhere, "--out", run, "--resume", "--lr", "0.3", "--seed", "5"], "--lr \\(0.4 there, 0.3 now\\), "
+          "--seed \\(0 there, 5 now\\)")
+    assert sorted(os.listdir(run)) == ["checkpoint.pt", "log.jsonl", "results.json"]
+
+
+def truncate(path, keep=0.5):
+    with open(path, "rb") as f:
+        data = f.read()
+    with open(path, "wb") as f:
+        f.write(data[:int(len(data) * keep)])
+
+
+def test_an_unreadable_image_stops_the_run_with_its_path_or_is_skipped(teacher_ckpt, tmp_path):
+    """By default the run stops with the image's path (from a DataLoader worker too), not "OSError: Truncated File
+    Read"; with --skip-bad-images the next image replaces it and the epoch's log counts it."""
+    ckpt, _ = teacher_ckpt
+    root = make_image_tree(str(tmp_path / "data"), num_classes=NUM_CLASSES, per_class=4, size=40)
+    bad_val = os.path.join(root, "val", "class_001", "0002.JPEG")
+    truncate(bad_val)
+    stops(["--data-dir", root, "--model", "resnet18", "--eval-only", ckpt, *TINY, "--workers", "1"],
+          f"cannot read the image {re.escape(bad_val)} \\(OSError: .*\\); replace or delete it, or pass "
+          "--skip-bad-images")
+    bad_train = [os.path.join(root, "train", "class_000", "0001.JPEG"), os.path.join(root, "train", "class_002",
+                                                                                     "0003.JPEG")]
+    with open(bad_train[0], "wb") as f:
+        f.write(os.urandom(2000))   # not an image
+    open(bad_train[1], "wb").close()   # empty
+    argv = ["--data-dir", root, "--model", "resnet18", "--epochs", "1", *TINY]
+    stops([*argv, "--out", str(tmp_path / "stopped")], "cannot read the image (" +
+          "|".join(map(re.escape, bad_train)) + ") \\(UnidentifiedImageError: ")
+    assert os.listdir(tmp_path / "stopped") == []
+    result = imagenet.main(imagenet.parse_args([*argv, "--out", str(tmp_path / "skipped"), "--skip-bad-images"]))
+    (record,) = read_log(str(tmp_path / "skipped"))
+    assert record["bad_images"] == 3 and record["train_images"] == 12 and result["images"] == 12
+
+
+def test_progress_lines_inside_an_epoch(monkeypatch, capsys):
+    """Rank 0 prints step, images/s and the ETAs every 30 s inside an epoch (a clock that moves 31 s per reading)."""
+    clock = itertools.count(0.0, 31.0)
+    monkeypatch.setattr(imagenet.time, "time", lambda: next(clock))
+    imagenet.main(imagenet.parse_args(["--model", "resnet18", "--benchmark", "3", *TINY]))
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("  step ")]
+    assert [line.split()[1] for line in lines] == ["1/5", "2/5", "3/5", "4/5", "1/3", "2/3"]   # warm-up, then timed
+    assert all("images/s  epoch ends in" in line and "the run in" in line for line in lines)
 
 
 def test_a_failed_weights_download_stops_with_a_sentence(monkeypatch):

@@ -21,6 +21,15 @@ def run(out, *extra):
     return noisy.main(noisy.parse_args(TINY + ["--out", str(out), *extra]))
 
 
+def refused(*argv):
+    """The one line with which noisy.py refuses TINY + argv (in parse_args or in main): a UserError, no traceback."""
+    with pytest.raises(noisy.UserError) as excinfo:
+        noisy.main(noisy.parse_args(TINY + [str(a) for a in argv]))
+    message = str(excinfo.value)
+    assert ": error: " in message and "\n" not in message
+    return message
+
+
 def read_log(out):
     with open(os.path.join(out, "log.jsonl")) as f:
         return [json.loads(line) for line in f]
@@ -149,8 +158,9 @@ def test_selection_in_training_keeps_mostly_clean_samples(teacher_run):
     labels = np.load(teacher_run / "noisy_labels.npy")
     assert len(labels) == 128 and abs(noise["noise_rate"] - results["noise_rate"]) < 1e-9
     assert np.allclose(np.sum(noise["transition_matrix"], axis=1), 1.0, atol=1e-3)
-    stage1 = torch.load(teacher_run / "stage1_model.pt", weights_only=False)
+    stage1 = torch.load(teacher_run / "stage1_model.pt", weights_only=True)          # tensors and plain data only
     assert stage1["selected"].dtype == torch.bool and int(stage1["selected"].sum()) == records[1]["selected"]
+    assert torch.equal(stage1["noisy_labels"], torch.from_numpy(labels)) and stage1["epoch"] == 2
 
 
 # ---- end to end ------------------------------------------------------------------------------------------------
@@ -189,6 +199,9 @@ def test_eval_only_matches_the_logged_accuracy(teacher_run, tmp_path):
                                                  "--out", str(tmp_path)]))
     assert result["top1"] == pytest.approx(read_log(teacher_run)[-1]["top1"])
     assert json.load(open(tmp_path / "results.json"))["images"] == 63
+    assert "holds a results.json" in refused("--eval-only", teacher_run / "checkpoint.pt", "--out", tmp_path)
+    noisy.main(noisy.parse_args(TINY + ["--eval-only", str(teacher_run / "checkpoint.pt"), "--out", str(tmp_path),
+                                        "--overwrite"]))
 
 
 def test_torchrun_two_processes_count_every_test_image_once(teacher_run, tmp_path):
@@ -201,58 +214,133 @@ def test_torchrun_two_processes_count_every_test_image_once(teacher_run, tmp_pat
     assert len(read_log(tmp_path)) == 3 and results["selected"] > 0
 
 
-def test_resume_reproduces_an_uninterrupted_run(teacher_run, tmp_path):
-    straight, interrupted = teacher_run, tmp_path / "interrupted"           # the teacher ran the same 3 epochs
-    run(interrupted, "--epochs", "1", "--finetune-epochs", "0")        # stopped after the warm-up epoch
-    run(interrupted, "--epochs", "2", "--finetune-epochs", "1", "--resume")   # crosses into stage two
-    a = torch.load(straight / "checkpoint.pt", weights_only=False)
-    b = torch.load(interrupted / "checkpoint.pt", weights_only=False)
-    assert a["epoch"] == b["epoch"] == 3
-    for name, tensor in a["model"].items():
-        assert torch.equal(tensor, b["model"][name]), name
-    assert torch.equal(a["selection"]["selected"], b["selection"]["selected"])
+class Killed(Exception):
+    pass
+
+
+def test_resume_reproduces_an_uninterrupted_run(teacher_run, tmp_path, monkeypatch, capsys):
+    """Killed after its first epoch (a log line written after the checkpoint, a cut-off line, a stale temporary file),
+    resumed with a longer stage one (--epochs 1 → 2: allowed while in stage one), crossing into stage two: it ends
+    where the uninterrupted teacher run ends; every file we write loads with weights_only=True."""
+    straight, interrupted = teacher_run, tmp_path / "interrupted"           # the teacher ran --epochs 2, 1 fine-tuning
+    end_epoch = noisy.end_epoch
+
+    def killed_in_epoch_1(args, stage, epoch, *rest):                     # after epoch 0's log line and checkpoint
+        if epoch == 1:
+            raise Killed
+        return end_epoch(args, stage, epoch, *rest)
+    with monkeypatch.context() as m:
+        m.setattr(noisy, "end_epoch", killed_in_epoch_1)
+        with pytest.raises(Killed):
+            run(interrupted, "--epochs", "1", "--finetune-epochs", "1")
+    with open(interrupted / "log.jsonl", "a") as f:     # epoch 1's line, then one cut off: both dropped on resume
+        f.write(json.dumps({"epoch": 1, "stage": 2}) + '\n{"epoch": 1, "st')
+    (interrupted / "checkpoint.pt.tmp").write_bytes(b"half a checkpoint")
+    capsys.readouterr()
+    run(interrupted, "--epochs", "2", "--finetune-epochs", "1", "--resume")
+    printed = capsys.readouterr().out
+    assert "resuming" in printed and "after epoch 1" in printed and "warning: --epochs 2 (was 1)" in printed
+    assert not [name for name in os.listdir(interrupted) if name.endswith(".tmp")]
+    for name in ("checkpoint.pt", "stage1_model.pt"):
+        a, b = (torch.load(folder / name, weights_only=True) for folder in (straight, interrupted))
+        assert a["epoch"] == b["epoch"] == (3 if name == "checkpoint.pt" else 2)
+        for key, tensor in a["model"].items():
+            assert torch.equal(tensor, b["model"][key]), (name, key)
+    assert torch.equal(a["noisy_labels"], b["noisy_labels"]) and torch.equal(a["selected"], b["selected"])
     assert [r["epoch"] for r in read_log(interrupted)] == [0, 1, 2]
     assert read_log(interrupted)[-1]["loss"] == read_log(straight)[-1]["loss"]
+    message = refused("--epochs", 3, "--finetune-epochs", 1, "--out", interrupted, "--resume")   # in stage two now
+    assert "has done 3 epochs with --epochs 2" in message and "pass --epochs 2" in message
+
+
+def test_out_holds_one_run_and_resume_needs_the_same_arguments(teacher_run, tmp_path, capsys):
+    out, short = tmp_path / "run", ["--epochs", "1", "--finetune-epochs", "0"]
+    out.mkdir()
+    run(out, *short, "--resume")                                          # --resume on an empty folder: afresh
+    assert "(--resume found no checkpoint)" in capsys.readouterr().out and len(read_log(out)) == 1
+    assert "holds a run (checkpoint.pt, log.jsonl, results.json); pass --resume" in refused(*short, "--out", out)
+    run(out, *short, "--overwrite")
+    assert [r["epoch"] for r in read_log(out)] == [0]                    # one run's lines, not two
+    message = refused(*short, "--out", out, "--resume", "--lr", "0.05", "--seed", "2")
+    assert "--lr (0.1 there, 0.05 now), --seed (1 there, 2 now)" in message
+    assert "pass --out" in refused(*short, "--resume")
+    (tmp_path / "file").write_text("")
+    for extra in ([], ["--benchmark", 1], ["--eval-only", teacher_run / "checkpoint.pt"]):
+        assert f"--out {tmp_path / 'file'} is a file" in refused(*short, "--out", tmp_path / "file", *extra)
 
 
 # ---- errors ----------------------------------------------------------------------------------------------------
 
-def test_bad_inputs_stop_with_clear_messages(teacher_run, tmp_path, capsys):
-    with pytest.raises(FileNotFoundError, match="cifar-100-python"):
-        noisy.main(noisy.parse_args(["--dataset", "cifar100", "--data-dir", str(tmp_path)]))
+def test_bad_numbers_are_refused_naming_their_flag():
+    for argv, message in [(["--epochs", 0], "--epochs must be > 0"), (["--epochs", -1], "--epochs must be > 0"),
+                          (["--batch-size", 0], "--batch-size must be > 0"), (["--batch-size", 1], "at least 2"),
+                          (["--tau", 0], "--tau must be > 0"), (["--tau", -1], "--tau must be > 0"),
+                          (["--tau", "nan"], "--tau must be > 0 and finite, got nan"), (["--lr", 0], "--lr must be"),
+                          (["--finetune-lr", "inf"], "--finetune-lr"), (["--kd-T", 0], "--kd-T must be > 0"),
+                          (["--noise-rate", 1.5], "--noise-rate must be in [0, 1]"), (["--knn-k", 0], "--knn-k"),
+                          (["--milestones", 5, -1], "--milestones must be >= 0"),
+                          (["--label-correction-epoch", -1], "--label-correction-epoch must be >= 0"),
+                          (["--epochs", 3, "--warmup-epochs", 3], "--warmup-epochs 3 must be below --epochs 3"),
+                          (["--loss", "kd"], "--teacher-ckpt"), (["--gt-weight", 0], "nothing to learn"),
+                          (["--model", "resnet50"], "invalid choice")]:
+        assert message in refused(*argv), argv
+
+
+def test_bad_files_stop_with_one_line_naming_flag_and_file(teacher_run, tmp_path):
+    good = (teacher_run / "stage1_model.pt").read_bytes()
+    (tmp_path / "truncated.pt").write_bytes(good[:len(good) // 2])
+    (tmp_path / "random.pt").write_bytes(np.random.default_rng(0).bytes(4096))
+    old = torch.load(teacher_run / "stage1_model.pt", weights_only=True)
+    torch.save({**old, "noisy_labels": old["noisy_labels"].numpy()}, tmp_path / "numpy_labels.pt")   # numpy: no
+    for flag, extra in [("--teacher-ckpt", ["--loss", "kd"]), ("--eval-only", []), ("--stage1-ckpt", [])]:
+        for name in ("truncated.pt", "random.pt", "numpy_labels.pt"):
+            message = refused(*extra, "--epochs", 2, flag, tmp_path / name)
+            assert f"{flag} {tmp_path / name} is not a readable weights-only PyTorch checkpoint" in message
+        assert f"{flag} {tmp_path} is a folder" in refused(*extra, "--epochs", 2, flag, tmp_path)
+        assert "missing.pt is missing" in refused(*extra, "--epochs", 2, flag, tmp_path / "missing.pt")
+    assert "cifar-100-python not found; pass --data-dir" in refused("--dataset", "cifar100", "--data-dir", tmp_path)
     bad = tmp_path / "cifar-10-batches-py"
     bad.mkdir()
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
         (bad / name).write_bytes(b"not a pickle")
-    with pytest.raises(ValueError, match="not a CIFAR python pickle"):
-        noisy.load_cifar(str(tmp_path), "cifar10")
-    with pytest.raises(SystemExit):
-        noisy.parse_args(["--model", "resnet50"])
-    for argv, message in [(["--loss", "kd"], "--teacher-ckpt"), (["--epochs", "0"], "--stage1-ckpt"),
-                          (["--resume"], "pass --out"), (["--noise-rate", "1.5"], "--noise-rate"),
-                          (["--gt-weight", "0"], "nothing to learn"), (["--tau", "0"], "positive")]:
-        with pytest.raises(SystemExit):                                  # argument checks, before any data is read
-            noisy.parse_args(TINY + argv)
-        assert message in capsys.readouterr().err
-    state = torch.load(teacher_run / "stage1_model.pt", weights_only=False)
+    assert "not a CIFAR python pickle" in refused("--dataset", "cifar10", "--data-dir", tmp_path)
+    state = torch.load(teacher_run / "stage1_model.pt", weights_only=True)
     state["model"]["linear2.weight"] = torch.zeros(7, 64)
     torch.save(state, tmp_path / "wrong_classes.pt")
-    with pytest.raises(ValueError, match=r"'linear2.weight' has shape \(7, 64\) in the checkpoint but \(4, 64\)"):
-        run(tmp_path / "b", "--loss", "kd", "--teacher-ckpt", str(tmp_path / "wrong_classes.pt"))
+    assert "'linear2.weight' has shape (7, 64) in the checkpoint but (4, 64)" in \
+        refused("--loss", "kd", "--teacher-ckpt", tmp_path / "wrong_classes.pt")
     np.save(tmp_path / "short.npy", np.zeros(10, dtype=np.int64))
-    with pytest.raises(ValueError, match="another data set"):
-        run(tmp_path / "c", "--noisy-labels", str(tmp_path / "short.npy"))
-    with pytest.raises(ValueError, match="no selection for these noisy labels"):     # other noise seed
-        run(tmp_path / "f", "--noise-seed", "3", "--stage1-ckpt", str(teacher_run / "stage1_model.pt"))
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        run(tmp_path / "g", "--stage1-ckpt", str(tmp_path / "missing.pt"))
-    state = torch.load(teacher_run / "stage1_model.pt", weights_only=False)
+    assert "another data set" in refused("--noisy-labels", tmp_path / "short.npy")
+    assert "--noisy-labels" in refused("--noisy-labels", tmp_path / "random.pt")          # not a .npy
+    stage1 = ["--epochs", 2, "--stage1-ckpt", teacher_run / "stage1_model.pt"]
+    assert "no selection for these noisy labels" in refused(*stage1, "--noise-seed", 3)    # other noise seed
+    assert "ended stage one after 2 epochs; pass --epochs 2" in refused(*stage1[2:], "--epochs", 5)
+    state = torch.load(teacher_run / "stage1_model.pt", weights_only=True)
     state["selected"][:] = False
     torch.save(state, tmp_path / "nothing_selected.pt")
-    with pytest.raises(ValueError, match="0 confident examples of stage one"):
-        run(tmp_path / "h", "--stage1-ckpt", str(tmp_path / "nothing_selected.pt"))
-    with pytest.raises(ValueError, match="128 training images over 1 process.es. do not fill one batch"):
-        run(tmp_path / "e", "--epochs", "1", "--finetune-epochs", "0", "--batch-size", "256")
+    assert "0 confident examples of stage one" in refused(*stage1[:3], tmp_path / "nothing_selected.pt")
+    assert "128 training images over 1 process(es) do not fill one batch of 256" in \
+        refused("--epochs", 1, "--finetune-epochs", 0, "--batch-size", 256)
+
+
+def test_an_empty_checkpoint_is_one_line_naming_flag_and_file(tmp_path):
+    (tmp_path / "empty.pt").write_bytes(b"")
+    for flag, extra in [("--teacher-ckpt", ["--loss", "kd"]), ("--eval-only", []), ("--stage1-ckpt", [])]:
+        message = refused(*extra, "--epochs", 2, flag, tmp_path / "empty.pt")
+        assert f"{flag} {tmp_path / 'empty.pt'} is not a readable weights-only PyTorch checkpoint" in message
+
+
+def test_progress_lines_inside_an_epoch(monkeypatch, capsys):
+    """Progress is wired into the training step (every=0 here: a line after every step but the last)."""
+    progress = noisy.Progress
+    monkeypatch.setattr(noisy, "Progress", lambda *a: progress(*a, every=0.0))
+    args = noisy.parse_args(TINY + ["--batch-size", "8", "--epochs", "3", "--finetune-epochs", "2"])
+    data = noisy.load_data(args, 0, 1, torch.device("cpu"))
+    model = noisy.MODELS[args.model](data["num_classes"])
+    noisy.train_one_epoch(args, 1, model, model, None, noisy.make_optimizer(model, 1, args), data, None, 1, 0, 1,
+                          max_steps=3)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("  step")]
+    assert [line.split()[1] for line in lines] == ["1/3", "2/3"] and "images/s" in lines[0] and "the run in" in lines[0]
 
 
 def test_benchmark_times_both_stages(teacher_run, tmp_path, capsys):

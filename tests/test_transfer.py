@@ -1,9 +1,11 @@
 """transfer.py (Table 3): MAE checkpoint loading, layer-wise lr decay, mixup shared with the teacher, every loss
 through the training loop, end-to-end distillation, exact resume, a real 2-process torchrun, the benchmark on
 synthetic data and the errors people will hit. CPU only, tiny ViT (vit_tiny_test: patch 8, dim 32, depth 2)."""
+import functools
 import json
 import math
 import os
+import random
 
 import pytest
 import torch
@@ -134,15 +136,15 @@ def test_position_embedding_is_interpolated_for_another_image_size(tmp_path):
 def test_checkpoints_that_are_not_this_mae_vit_are_refused(tmp_path):
     resnet = str(tmp_path / "resnet.pth")
     torch.save(torchvision.models.resnet18(num_classes=3).state_dict(), resnet)
-    with pytest.raises(ValueError, match="is not an MAE ViT checkpoint"):
+    with pytest.raises(transfer.UserError, match="--pretrained .*resnet.pth is not an MAE ViT checkpoint"):
         transfer.load_mae_checkpoint(tiny_vit(), resnet)
     wide = str(tmp_path / "wide.pth")
     torch.save({"model": mae_state_dict(grid=4, dim=48)}, wide)
-    with pytest.raises(ValueError, match="different ViT size"):
+    with pytest.raises(transfer.UserError, match="--pretrained .*wide.pth: .*different ViT size"):
         transfer.load_mae_checkpoint(tiny_vit(), wide)
     shallow = str(tmp_path / "shallow.pth")
     torch.save({"model": mae_state_dict(grid=4, depth=1)}, shallow)
-    with pytest.raises(ValueError, match="lacks .* encoder tensors .*blocks.1"):
+    with pytest.raises(transfer.UserError, match="--pretrained .*shallow.pth lacks .* encoder tensors .*blocks.1"):
         transfer.load_mae_checkpoint(tiny_vit(), shallow)
 
 
@@ -370,19 +372,20 @@ def read_log(out):
 
 def test_end_to_end_distillation_logs_checkpoints_and_eval_only(files, tmp_path):
     out = tmp_path / "run"
-    results = transfer.main(transfer.parse_args(cli(files, out, "--loss", "adaptconf", "--epochs", "1")))
+    results = transfer.main(transfer.parse_args(cli(files, out, "--loss", "adaptconf", "--epochs", "1",
+                                                    "--warmup-epochs", "0")))
     (record,) = read_log(out)
     for key in ("epoch", "lr", "loss", "loss_gt", "loss_adaptconf", "top1", "top5", "images", "images_per_s",
-                "seconds", "train_beta_mean", "train_beta_frac_half", "train_beta_hist", "teacher_top1"):
+                "seconds", "train_beta_mean", "train_beta_frac_half", "train_beta_hist", "teacher_top1", "bad_images"):
         assert key in record, key
-    assert record["images"] == 9 and len(record["train_beta_hist"]) == 10
+    assert record["images"] == 9 and len(record["train_beta_hist"]) == 10 and record["bad_images"] == 0
     assert sum(record["train_beta_hist"]) == pytest.approx(1.0) and 0 < record["train_beta_mean"] <= 0.5
     assert round(record["top1"] * 9 / 100, 6) == round(record["top1"] * 9 / 100)   # counts, not averaged means
     with open(out / "results.json") as f:
         saved = json.load(f)
     assert saved["top1"] == results["top1"] == record["top1"] and saved["args"]["loss"] == "adaptconf"
     assert saved["teacher_top1"] == record["teacher_top1"]
-    ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)   # tensors and plain data only
     assert ckpt["epoch"] == 1 and {"model", "optimizer", "args", "best"} <= set(ckpt)
     assert "head.weight" in ckpt["model"] and "cls_token" in ckpt["model"]
     groups = ckpt["optimizer"]["param_groups"]   # MAE's layer decay 0.65 and weight decay 0.05 reach the optimizer
@@ -391,22 +394,38 @@ def test_end_to_end_distillation_logs_checkpoints_and_eval_only(files, tmp_path)
     evaluated = transfer.main(transfer.parse_args(cli(files, tmp_path / "eval", "--eval-only",
                                                       str(out / "checkpoint.pt"))))
     assert evaluated["top1"] == results["top1"] and evaluated["images"] == 9
+    # --eval-only writes only results.json: into the run's own --out it needs --overwrite, which replaces only that file
+    evaluate_in_run = cli(files, out, "--eval-only", str(out / "checkpoint.pt"))
+    with pytest.raises(transfer.UserError, match="--out .*run holds results.json; pass --overwrite"):
+        transfer.main(transfer.parse_args(evaluate_in_run))
+    transfer.main(transfer.parse_args([*evaluate_in_run, "--overwrite"]))
+    with open(out / "results.json") as f:
+        assert json.load(f)["checkpoint"] == str(out / "checkpoint.pt")
+    assert sorted(os.listdir(out)) == ["checkpoint.pt", "log.jsonl", "results.json"]
     # --eval-only trains nothing: a batch larger than the training set (18 images) is no error
     big = transfer.main(transfer.parse_args(cli(files, tmp_path / "eval64", "--eval-only", str(out / "checkpoint.pt"),
                                                 "--batch-size", "64")))
     assert big["images"] == 9
 
 
-def test_resume_reproduces_an_uninterrupted_run_exactly(files, tmp_path):
-    # fitnet: the regressor and its optimizer state must come back too
+def test_resume_reproduces_an_uninterrupted_run_exactly(files, tmp_path, capsys):
+    """fitnet: the regressor and its optimizer state must come back too. The split run is killed after its first
+    checkpoint as it could be: a log line of the next epoch written, a cut-off line, a half-written checkpoint."""
     whole, split = tmp_path / "whole", tmp_path / "split"
-    args = ("--loss", "fitnet", "--gt-weight", "0")
+    args = ("--loss", "fitnet", "--gt-weight", "0", "--resume")   # --resume on an empty or new --out: a fresh run
+    split.mkdir()
     transfer.main(transfer.parse_args(cli(files, whole, *args)))
     transfer.main(transfer.parse_args(cli(files, split, *args, "--stop-after", "1")))
+    assert "a fresh run (--resume found no checkpoint)" in capsys.readouterr().out
     assert [r["epoch"] for r in read_log(split)] == [0]
-    transfer.main(transfer.parse_args(cli(files, split, *args, "--resume")))
-    a = torch.load(whole / "checkpoint.pt", weights_only=False)
-    b = torch.load(split / "checkpoint.pt", weights_only=False)
+    with open(split / "log.jsonl", "a") as f:
+        f.write(json.dumps({**read_log(split)[0], "epoch": 1}) + '\n{"epoch": 1, "lr": 0.0')
+    (split / "checkpoint.pt.tmp").write_bytes(b"half a checkpoint")
+    transfer.main(transfer.parse_args(cli(files, split, *args)))
+    assert "resuming " in capsys.readouterr().out
+    assert sorted(os.listdir(split)) == ["checkpoint.pt", "log.jsonl", "results.json"]
+    a = torch.load(whole / "checkpoint.pt", weights_only=True)
+    b = torch.load(split / "checkpoint.pt", weights_only=True)
     for name in a["model"]:
         assert torch.equal(a["model"][name], b["model"][name]), name
     for name in a["regressor"]:
@@ -422,7 +441,7 @@ def test_resume_reproduces_an_uninterrupted_run_exactly(files, tmp_path):
 def test_torchrun_two_processes_count_every_validation_image_once(files, tmp_path):
     out = tmp_path / "ddp"
     proc = run_torchrun("transfer.py", cli(files, out, "--loss", "fitnet", "--gt-weight", "0", "--epochs", "1",
-                                           "--batch-size", "3"))   # fitnet: the regressor is DDP-wrapped too
+                                           "--warmup-epochs", "0", "--batch-size", "3"))   # fitnet: a DDP regressor
     assert "global batch 6 (2 x 3)" in proc.stdout
     with open(out / "results.json") as f:
         results = json.load(f)
@@ -433,7 +452,9 @@ def test_torchrun_two_processes_count_every_validation_image_once(files, tmp_pat
 
 
 def test_benchmark_runs_the_training_loop_on_synthetic_images_without_data(tmp_path, capsys):
-    """No data and no teacher checkpoint: synthetic images of the real size, a teacher with random weights."""
+    """No data and no teacher checkpoint: synthetic images of the real size, a teacher with random weights. It writes
+    only benchmark.json, replacing an earlier one (no open_run: --out needs no --overwrite)."""
+    (tmp_path / "benchmark.json").write_text("{}")
     args = transfer.parse_args(["--model", "vit_tiny_test", "--image-size", "32", "--batch-size", "4", "--workers", "0",
                                 "--loss", "adaptconf", "--teacher", "resnet18", "--benchmark", "2", "--data-dir",
                                 "/nonexistent", "--out", str(tmp_path)])
@@ -485,7 +506,7 @@ def test_inaturalist_split_follows_the_official_json_files(tmp_path):
     assert (len(train), len(val), num_classes) == (6, 3, 3)
     assert sorted(val[i][1] for i in range(3)) == [0, 1, 2]
     os.remove(root / "val2019.json")
-    with pytest.raises(FileNotFoundError, match="val2019.json"):
+    with pytest.raises(transfer.UserError, match="val2019.json is missing"):
         transfer.build_datasets(args)
 
 
@@ -493,39 +514,134 @@ def test_inaturalist_split_follows_the_official_json_files(tmp_path):
 
 def test_bad_inputs_stop_with_one_clear_sentence(files, tmp_path):
     run = lambda *extra: transfer.main(transfer.parse_args(cli(files, tmp_path / "bad", *extra)))  # noqa: E731
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(transfer.UserError, match="--data-dir .*nowhere does not exist"):
         run("--data-dir", str(tmp_path / "nowhere"))
-    (tmp_path / "noval" / "train").mkdir(parents=True)
-    with pytest.raises(FileNotFoundError, match="has no 'val' folder"):
+    (tmp_path / "noval" / "train" / "a").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(tmp_path / "noval" / "train" / "a" / "0.jpg")
+    with pytest.raises(transfer.UserError, match="--data-dir .*noval: .*No such file .*noval/val'; an image-folder"):
         run("--data-dir", str(tmp_path / "noval"))
     five = str(tmp_path / "r18_5.pth")
     torch.save(torchvision.models.resnet18(num_classes=5).state_dict(), five)
-    with pytest.raises(ValueError, match="teacher checkpoint has 5 classes but the data has 3"):
+    with pytest.raises(transfer.UserError, match="--teacher-ckpt .*r18_5.pth has 5 classes but the data has 3"):
         run("--teacher-ckpt", five)
-    with pytest.raises(ValueError, match="not a ResNet checkpoint"):
+    with pytest.raises(transfer.UserError, match="--teacher-ckpt .*mae_tiny.pth is not a ResNet checkpoint"):
         run("--teacher-ckpt", files["mae"])
-    with pytest.raises(ValueError, match="teacher resnet50 from .*layer1.0.conv1.weight"):
+    with pytest.raises(transfer.UserError, match=r"--teacher-ckpt .*\(--teacher resnet50\): .*layer1.0.conv1.weight"):
         run("--teacher", "resnet50")
-    with pytest.raises(ValueError, match="not an MAE ViT checkpoint"):
+    with pytest.raises(transfer.UserError, match="--pretrained .*teacher_r18.pth is not an MAE ViT checkpoint"):
         run("--pretrained", files["teacher"])
-    with pytest.raises(FileNotFoundError, match="--resume needs"):
-        run("--resume", "--out", str(tmp_path / "fresh"))
-    with pytest.raises(ValueError, match="fewer than one batch"):
+    with pytest.raises(transfer.UserError, match="fewer than one batch"):
         run("--batch-size", "64")
+    with pytest.raises(transfer.UserError, match="--resume continues the run in --out; pass --out"):
+        transfer.main(transfer.parse_args(["--loss", "ce", "--resume"]))
 
 
 @pytest.mark.parametrize("argv,message", [
     (["--loss", "dkd", "--gt-weight", "0"], "needs ground-truth labels"),
     (["--loss", "ce", "--gt-weight", "0"], "--gt-weight must be > 0"),
     (["--loss", "kd"], "needs a teacher"),
-    (["--loss", "ce", "--resume"], "--resume continues <out>/checkpoint.pt"),
-    (["--loss", "adaptconf", "--teacher-ckpt", "t.pth", "--tau", "0"], "must be > 0"),
     (["--loss", "ce", "--image-size", "100"], "not a multiple of the patch size"),
     (["--loss", "ce", "--benchmark", "5", "--eval-only", "x.pth"], "cannot be combined"),
+    (["--loss", "ce", "--eval-only", "x.pth", "--resume"], "cannot be combined"),
     (["--loss", "ce", "--model", "vit_huge"], "invalid choice"),
     (["--loss", "ce", "--input-size", "224"], "unrecognized arguments"),   # renamed --image-size
 ])
-def test_bad_arguments_stop_in_parse_args_before_any_data_is_read(argv, message, capsys):
-    with pytest.raises(SystemExit):
+def test_bad_arguments_stop_in_parse_args_before_any_data_is_read(argv, message):
+    with pytest.raises(transfer.UserError) as refused:
         transfer.parse_args(argv)
-    assert message in capsys.readouterr().err
+    assert message in str(refused.value) and "\n" not in str(refused.value)
+
+
+@pytest.mark.parametrize("flag,value,message", [
+    ("--epochs", "0", "> 0"), ("--epochs", "-1", "> 0"), ("--batch-size", "0", "> 0"), ("--lr", "0", "> 0"),
+    ("--blr", "-1e-3", "> 0"), ("--tau", "0", "> 0"), ("--tau", "-1", "> 0"), ("--tau", "nan", "finite, got nan"),
+    ("--kd-T", "0", "> 0"), ("--dkd-T", "inf", "finite, got inf"), ("--image-size", "0", "> 0"),
+    ("--drop-path", "1.5", "in [0, 1]"), ("--label-smoothing", "-0.1", "in [0, 1]"), ("--workers", "-1", ">= 0"),
+    ("--gt-weight", "-1", ">= 0"), ("--kd-weight", "nan", "finite"), ("--seed", "-3", ">= 0"),
+    ("--benchmark", "-5", ">= 0"), ("--warmup-epochs", "6", "below --epochs 6"),
+    ("--warmup-epochs", "9", "below --epochs 6"), ("--alpha-max", "1.5", "in [0, 1]"),
+])
+def test_bad_numbers_are_refused_naming_the_flag(flag, value, message):
+    """One rule for every number (check_numbers): finite, > 0 for sizes, rates and temperatures, fractions (α of
+    Eq. 1 too) in [0, 1]."""
+    with pytest.raises(transfer.UserError) as refused:
+        transfer.parse_args(["--loss", "adaptconf", "--teacher-ckpt", "t.pth", "--epochs", "6", f"{flag}={value}"])
+    assert flag in str(refused.value) and message in str(refused.value), str(refused.value)
+
+
+@pytest.mark.parametrize("kind", ["truncated", "random", "empty", "folder"])
+def test_corrupt_checkpoints_and_folders_are_one_line_naming_the_flag_and_file(files, tmp_path, kind):
+    """A cut-off download, random bytes, an empty file and a folder, as each checkpoint flag: one UserError line."""
+    path = tmp_path / f"{kind}.pth"
+    if kind == "folder":
+        path.mkdir()
+    else:
+        with open(files["teacher"], "rb") as f:
+            data = f.read()
+        path.write_bytes({"truncated": data[:len(data) // 2], "random": random.Random(0).randbytes(4096),
+                          "empty": b""}[kind])
+    for flag in ("--teacher-ckpt", "--pretrained", "--eval-only"):
+        with pytest.raises(transfer.UserError) as refused:
+            transfer.main(transfer.parse_args(cli(files, tmp_path / "out", "--loss", "kd", flag, str(path))))
+        message = str(refused.value)
+        assert f"{flag} {path} is " in message and "\n" not in message, message
+        assert ("a folder" if kind == "folder" else "not a readable weights-only PyTorch checkpoint") in message
+
+
+def test_out_and_resume_refuse_what_would_mix_two_runs(files, tmp_path, capsys):
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(transfer.UserError, match="--out .*file is a file; pass a folder"):
+        transfer.main(transfer.parse_args(cli(files, tmp_path / "file", "--loss", "ce")))
+    for extra in (["--eval-only", files["teacher"]], ["--benchmark", "1"]):   # no open_run: one json file to write
+        with pytest.raises(transfer.UserError, match=r"--out .*file cannot be created \(File exists\)"):
+            transfer.main(transfer.parse_args(cli(files, tmp_path / "file", "--loss", "ce", *extra)))
+    out, args = tmp_path / "run", ("--loss", "ce", "--stop-after", "1")
+    transfer.main(transfer.parse_args(cli(files, out, *args)))
+    with pytest.raises(transfer.UserError, match="--out .*run holds a run .*pass --resume to continue it, --overwrite"):
+        transfer.main(transfer.parse_args(cli(files, out, *args)))
+    for changed, named in ((["--lr", "1e-3"], r"--lr \(.* there, 0.001 now\)"), (["--seed", "1"], "--seed")):
+        with pytest.raises(transfer.UserError, match=f"--resume: the run in --out was started with other {named}"):
+            transfer.main(transfer.parse_args(cli(files, out, *args, "--resume", *changed)))
+    capsys.readouterr()
+    transfer.main(transfer.parse_args(cli(files, out, *args, "--overwrite")))   # afresh: one epoch in the log, not two
+    assert "a fresh run" in capsys.readouterr().out and [r["epoch"] for r in read_log(out)] == [0]
+
+
+def truncate(path):   # a download cut off after 300 bytes
+    with open(path, "rb") as f:
+        head = f.read(300)
+    with open(path, "wb") as f:
+        f.write(head)
+
+
+def test_an_unreadable_image_stops_the_run_naming_it_or_is_skipped_and_counted(files, tmp_path):
+    """A truncated training JPEG (decoded in a DataLoader worker) and a truncated validation JPEG: by default the run
+    stops with one line naming the file; --skip-bad-images trains on another image in its place and counts it
+    (bad_images in the log), and leaves an unreadable validation image out of the score."""
+    data = str(tmp_path / "data")
+    make_image_tree(data, splits=("train",), num_classes=NUM_CLASSES, per_class=6, size=32, seed=0)
+    make_image_tree(data, splits=("val",), num_classes=NUM_CLASSES, per_class=3, size=32, seed=1)
+    bad_train = os.path.join(data, "train", "class_001", "0002.JPEG")
+    truncate(bad_train)
+    run = lambda out, *extra: transfer.main(transfer.parse_args(cli(   # noqa: E731
+        files, tmp_path / out, "--data-dir", data, "--loss", "ce", "--epochs", "1", "--warmup-epochs", "0",
+        "--batch-size", "3", *extra)))   # 18 images in batches of 3: every image is drawn once
+    with pytest.raises(transfer.UserError, match=f"cannot read the image {bad_train} .*pass --skip-bad-images"):
+        run("stopped", "--workers", "1")
+    results = run("skipped", "--skip-bad-images", "--workers", "1")
+    (record,) = read_log(tmp_path / "skipped")
+    assert record["bad_images"] == 1 and results["images"] == 9
+    bad_val = os.path.join(data, "val", "class_002", "0001.JPEG")
+    truncate(bad_val)
+    with pytest.raises(transfer.UserError, match=f"cannot read the image {bad_val} "):
+        run("stopped_val", "--loss", "kd")   # the teacher is scored on the validation set before training
+    assert run("skipped_val", "--skip-bad-images")["images"] == 8
+
+
+def test_progress_lines_inside_an_epoch(monkeypatch, capsys):
+    """train_one_epoch reports step, images/s and the ETA every 30 s (here: every step) on rank 0."""
+    monkeypatch.setattr(transfer, "Progress", functools.partial(transfer.Progress, every=0.0))
+    args, student, teacher, regressor = step_setup("ce")
+    train_steps(args, student, teacher, regressor, torch.randn(24, 3, 32, 32), torch.arange(24) % NUM_CLASSES)
+    out = capsys.readouterr().out
+    assert "step 1/4" in out and "step 3/4" in out and "images/s" in out and "the run in" in out
