@@ -6,8 +6,8 @@ github.com/ggjy/vision_weak_to_strong). Stage one (Sel-CL, --epochs) selects con
 in the embedding space and trains a supervised contrastive + mixup CE loss on them; stage two (Sel-CL+,
 --finetune-epochs) fine-tunes a new classifier on the confident examples, and only there does the teacher act (--loss).
 
-  python noisy.py --dataset cifar100 --data-dir ../shared/data --model preact_resnet18 --loss ce --out runs/t
-  python noisy.py --dataset cifar100 --data-dir ../shared/data --noisy-labels runs/t/noisy_labels.npy \
+  python noisy.py --dataset cifar100 --data-dir data --model preact_resnet18 --loss ce --out runs/t
+  python noisy.py --dataset cifar100 --data-dir data --noisy-labels runs/t/noisy_labels.npy \
       --loss adaptconf --teacher-ckpt runs/t/stage1_model.pt --out runs/adaptconf
   torchrun --nproc_per_node=8 noisy.py ... --batch-size 16        (--batch-size is per process)
 
