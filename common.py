@@ -1,4 +1,4 @@
-"""Losses and small model helpers shared by the five experiment scripts.
+"""Losses, small model helpers and batched AutoAugment/RandAugment shared by the five experiment scripts.
 
 Everything here is a pure function or a plain nn.Module: no I/O, no argparse, no distributed state. Each loss takes
 logits or features of shape (B, ...) and returns a scalar averaged over the batch. The ground-truth term
@@ -11,6 +11,7 @@ All losses compute in float32 even under bf16/fp16 autocast (a KL between two bf
 digits); float64 inputs stay float64, so torch.autograd.gradcheck works on them.
 """
 import functools
+import math
 
 import torch
 import torch.nn as nn
@@ -19,7 +20,9 @@ import torch.nn.functional as F
 __all__ = [
     "kd_loss", "kd_per_sample", "augconf_alpha", "augconf_loss", "adaptconf_beta", "adaptconf_loss",
     "dkd_terms", "dkd_loss", "rkd_loss", "FeatureRegressor", "hint_loss", "ABF", "ReviewKDFusion", "hcl_loss",
-    "topk_correct", "accuracy", "beta_counts", "beta_summary",
+    "topk_correct", "accuracy", "beta_counts", "beta_summary", "AUGMENT_OPS", "AUTO_AUGMENT_ORIGINAL",
+    "RAND_AUGMENT_INCREASING", "auto_augment_draws", "rand_augment_draws", "apply_augment_ops", "auto_augment",
+    "rand_augment",
 ]
 
 
@@ -359,3 +362,219 @@ def beta_summary(counts, prefix="beta"):
     n, total, half, *hist = counts.tolist()
     n = max(n, 1.0)
     return {f"{prefix}_mean": total / n, f"{prefix}_frac_half": half / n, f"{prefix}_hist": [h / n for h in hist]}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# AutoAugment and RandAugment as timm 0.6.12 defines them (timm/data/auto_augment.py, on PIL images, one image at a
+# time), here on a uint8 (B, 3, H, W) batch on the device: every image draws its own ops, all images in one pass
+# ---------------------------------------------------------------------------------------------------------------
+
+AUGMENT_OPS = (  # timm's NAME_TO_OP
+    "AutoContrast", "Equalize", "Invert", "Rotate", "Posterize", "PosterizeIncreasing", "PosterizeOriginal",
+    "Solarize", "SolarizeIncreasing", "SolarizeAdd", "Color", "ColorIncreasing", "Contrast", "ContrastIncreasing",
+    "Brightness", "BrightnessIncreasing", "Sharpness", "SharpnessIncreasing", "ShearX", "ShearY", "TranslateX",
+    "TranslateY", "TranslateXRel", "TranslateYRel")
+# auto_augment_policy_original (the AutoAugment paper's ImageNet policy): 25 sub-policies of (op, probability,
+# magnitude) pairs
+AUTO_AUGMENT_ORIGINAL = (
+    (("PosterizeOriginal", 0.4, 8), ("Rotate", 0.6, 9)), (("Solarize", 0.6, 5), ("AutoContrast", 0.6, 5)),
+    (("Equalize", 0.8, 8), ("Equalize", 0.6, 3)), (("PosterizeOriginal", 0.6, 7), ("PosterizeOriginal", 0.6, 6)),
+    (("Equalize", 0.4, 7), ("Solarize", 0.2, 4)), (("Equalize", 0.4, 4), ("Rotate", 0.8, 8)),
+    (("Solarize", 0.6, 3), ("Equalize", 0.6, 7)), (("PosterizeOriginal", 0.8, 5), ("Equalize", 1.0, 2)),
+    (("Rotate", 0.2, 3), ("Solarize", 0.6, 8)), (("Equalize", 0.6, 8), ("PosterizeOriginal", 0.4, 6)),
+    (("Rotate", 0.8, 8), ("Color", 0.4, 0)), (("Rotate", 0.4, 9), ("Equalize", 0.6, 2)),
+    (("Equalize", 0.0, 7), ("Equalize", 0.8, 8)), (("Invert", 0.6, 4), ("Equalize", 1.0, 8)),
+    (("Color", 0.6, 4), ("Contrast", 1.0, 8)), (("Rotate", 0.8, 8), ("Color", 1.0, 2)),
+    (("Color", 0.8, 8), ("Solarize", 0.8, 7)), (("Sharpness", 0.4, 7), ("Invert", 0.6, 8)),
+    (("ShearX", 0.6, 5), ("Equalize", 1.0, 9)), (("Color", 0.4, 0), ("Equalize", 0.6, 3)),
+    (("Equalize", 0.4, 7), ("Solarize", 0.2, 4)), (("Solarize", 0.6, 5), ("AutoContrast", 0.6, 5)),
+    (("Invert", 0.6, 4), ("Equalize", 1.0, 8)), (("Color", 0.6, 4), ("Contrast", 1.0, 8)),
+    (("Equalize", 0.8, 8), ("Equalize", 0.6, 3)))
+RAND_AUGMENT_INCREASING = (  # _RAND_INCREASING_TRANSFORMS ('inc1')
+    "AutoContrast", "Equalize", "Invert", "Rotate", "PosterizeIncreasing", "SolarizeIncreasing", "SolarizeAdd",
+    "ColorIncreasing", "ContrastIncreasing", "BrightnessIncreasing", "SharpnessIncreasing", "ShearX", "ShearY",
+    "TranslateXRel", "TranslateYRel")
+
+
+@functools.lru_cache(maxsize=None)
+def _policy_tables(device):
+    """The op tables on `device`, copied there once (a copy per call would make the host wait on CUDA)."""
+    ops = [[AUGMENT_OPS.index(name) for name, _, _ in sub] for sub in AUTO_AUGMENT_ORIGINAL]
+    probs = [[p for _, p, _ in sub] for sub in AUTO_AUGMENT_ORIGINAL]
+    mags = [[float(m) for _, _, m in sub] for sub in AUTO_AUGMENT_ORIGINAL]
+    rand_ops = [AUGMENT_OPS.index(name) for name in RAND_AUGMENT_INCREASING]
+    return (torch.tensor(ops, device=device), torch.tensor(probs, device=device), torch.tensor(mags, device=device),
+            torch.tensor(rand_ops, device=device))
+
+
+def _noisy_magnitudes(mean, std, generator):
+    """timm's AugmentOp: magnitude ~ N(mean, std) (uniform on [0, mean] for std = inf), clipped to [0, 10]."""
+    if math.isinf(std):
+        mean = mean * torch.rand(mean.shape, generator=generator, device=mean.device)
+    elif std > 0:
+        mean = mean + std * torch.randn(mean.shape, generator=generator, device=mean.device)
+    return mean.clamp(0.0, 10.0)
+
+
+def _random_signs(shape, generator):
+    """±1 with probability 0.5 each (timm's _randomly_negate; used only by the ops that negate)."""
+    u = torch.rand(shape, generator=generator, device=generator.device)
+    return torch.where(u < 0.5, -1.0, 1.0)
+
+
+def auto_augment_draws(batch, generator, magnitude_std=0.5):
+    """timm AutoAugment 'original' policy draws per image -> (ops, magnitudes, signs, applied), each (batch, 2):
+    op index into AUGMENT_OPS, magnitude in [0, 10] (policy magnitude + N(0, std) noise, clipped as timm does),
+    random sign ±1, and whether the op fires (the sub-policy's probability). One sub-policy per image, uniformly."""
+    device = generator.device
+    ops, probs, mags, _ = _policy_tables(device)
+    pick = torch.randint(len(AUTO_AUGMENT_ORIGINAL), (batch,), generator=generator, device=device)   # (B,)
+    applied = torch.rand((batch, 2), generator=generator, device=device) < probs[pick]
+    return ops[pick], _noisy_magnitudes(mags[pick], magnitude_std, generator), _random_signs((batch, 2), generator), \
+        applied
+
+
+def rand_augment_draws(batch, generator, magnitude=9, num_ops=2, prob=0.5, magnitude_std=0.5):
+    """timm RandAugment 'rand-m9-mstd0.5-inc1' draws: num_ops ops chosen uniformly with replacement from the
+    'increasing' op set, each applied with probability prob, magnitude N(magnitude, std) clipped to [0, 10]."""
+    device = generator.device
+    rand_ops = _policy_tables(device)[3]
+    ops = rand_ops[torch.randint(len(rand_ops), (batch, num_ops), generator=generator, device=device)]
+    applied = torch.rand((batch, num_ops), generator=generator, device=device) < prob
+    mags = _noisy_magnitudes(torch.full((batch, num_ops), float(magnitude), device=device), magnitude_std, generator)
+    return ops, mags, _random_signs((batch, num_ops), generator), applied
+
+
+def _autocontrast_lut(hist):
+    """PIL ImageOps.autocontrast per image and channel: (..., 256) histogram -> (..., 256) lookup table."""
+    i = torch.arange(256, device=hist.device)
+    lo = torch.where(hist > 0, i, 256).amin(-1, keepdim=True)
+    hi = torch.where(hist > 0, i, -1).amax(-1, keepdim=True)
+    # PIL: scale = 255.0 / (hi - lo), int(ix * scale - lo * scale) in float64 (a true division: torch computes
+    # scalar / tensor as a reciprocal times the scalar, one ulp off)
+    scale = torch.full_like(hi, 255, dtype=torch.float64) / (hi - lo).clamp_min(1)
+    lut = (i * scale + (-lo) * scale).trunc().clamp(0, 255).long()
+    return torch.where(hi <= lo, i, lut)
+
+
+def _equalize_lut(hist):
+    """PIL ImageOps.equalize per image and channel: step = (pixels - count of the last used level) // 255,
+    lut[v] = (step // 2 + pixels below v) // step, identity when step = 0 or one level is used; PIL clips to 255."""
+    i = torch.arange(256, device=hist.device)
+    last = torch.where(hist > 0, i, 0).amax(-1, keepdim=True)
+    step = (hist.sum(-1, keepdim=True) - hist.gather(-1, last)) // 255
+    lut = (step // 2 + hist.cumsum(-1) - hist) // step.clamp_min(1)
+    return torch.where(((hist > 0).sum(-1, keepdim=True) <= 1) | (step == 0), i, lut.clamp_max(255))
+
+
+def _augment_column(images, op, level, sign, fill, translate_const, translate_pct):
+    """Applies one op per image: images uint8 (B, 3, H, W), op (B,) index into AUGMENT_OPS (-1: none), level =
+    magnitude / 10 and sign (B,) float64. Three passes, each the identity for the images whose op is of another kind:
+    lookup tables (point ops), blends (PIL ImageEnhance), one affine warp (geometric ops)."""
+    B, C, H, W = images.shape
+    dev = images.device
+
+    onehot = op.unsqueeze(1) == torch.arange(len(AUGMENT_OPS), device=dev)     # (B, ops); op -1: no column
+
+    def is_(*names):   # (B,) bool: the image's op is one of `names`
+        return functools.reduce(torch.logical_or, [onehot[:, AUGMENT_OPS.index(n)] for n in names])
+
+    # 1. point ops as one (B, 3, 256) lookup table per image and channel, level -> argument as timm's LEVEL_TO_ARG
+    i = torch.arange(256, device=dev)
+    x = images.reshape(B, C, H * W).long()
+    hist = torch.zeros(B, C, 256, dtype=torch.long, device=dev).scatter_add_(2, x, torch.ones_like(x))
+    q = (level * 4).floor()
+    bits = torch.where(is_("Posterize"), q, torch.where(is_("PosterizeIncreasing"), 4 - q, q + 4)).long()
+    shift = (8 - bits).clamp_min(0).view(B, 1, 1)   # bits >= 8: unchanged; 0 bits: black (Pillow now refuses 0)
+    s = (level * 256).floor()
+    threshold = torch.where(is_("Solarize"), s, 256 - s).long().view(B, 1, 1)
+    add = (level * 110).floor().long().view(B, 1, 1)
+    lut = i.expand(B, C, 256)
+    for names, table in ((("Invert",), 255 - i),
+                         (("Posterize", "PosterizeIncreasing", "PosterizeOriginal"), (i >> shift) << shift),
+                         (("Solarize", "SolarizeIncreasing"), torch.where(i < threshold, i, 255 - i)),
+                         (("SolarizeAdd",), torch.where(i < 128, (i + add).clamp_max(255), i)),
+                         (("AutoContrast",), _autocontrast_lut(hist)), (("Equalize",), _equalize_lut(hist))):
+        lut = torch.where(is_(*names).view(B, 1, 1), table, lut)
+    img = lut.float().gather(2, x).view(B, C, H, W)   # whole values in float32 from here on
+
+    # 2. PIL ImageEnhance: Image.blend(degenerate, image, factor) = trunc(d + factor·(image − d)) in float32, clipped
+    r, g, b = img.unbind(1)   # PIL's convert("L"), (R·19595 + G·38470 + B·7471 + 2^15) >> 16, exact below 2^24
+    gray = ((r * 19595 + g * 38470 + b * 7471 + 32768) / 65536).floor().unsqueeze(1)             # (B, 1, H, W)
+    total = gray.sum((1, 2, 3), dtype=torch.int64)
+    mean = (2 * total + H * W) // (2 * H * W)              # ImageEnhance.Contrast: int(mean of L + 0.5)
+    # PIL's SMOOTH filter ([[1, 1, 1], [1, 5, 1], [1, 1, 1]] / 13, rounded; border pixels kept) as exact sums
+    rows = img[:, :, :-2] + img[:, :, 1:-1] + img[:, :, 2:]
+    box = rows[..., :-2] + rows[..., 1:-1] + rows[..., 2:] + 4 * img[:, :, 1:-1, 1:-1]
+    smooth = img.clone()
+    # (S + 6) // 13 as floor((S + 6.5) / 13): never within 1/26 of a whole number, so float division cannot misround
+    smooth[:, :, 1:-1, 1:-1] = ((box + 6.5) / 13).floor()
+    constant = torch.where(is_("Contrast", "ContrastIncreasing"), mean, 0.0).float().view(B, 1, 1, 1)
+    degenerate = torch.where(is_("Color", "ColorIncreasing").view(B, 1, 1, 1), gray,
+                             torch.where(is_("Sharpness", "SharpnessIncreasing").view(B, 1, 1, 1), smooth, constant))
+    factor = torch.where(is_("Color", "Contrast", "Brightness", "Sharpness"), level * 1.8 + 0.1,
+                         torch.where(is_("ColorIncreasing", "ContrastIncreasing", "BrightnessIncreasing",
+                                         "SharpnessIncreasing"), (1.0 + sign * (level * 0.9)).clamp_min(0.1), 1.0))
+    factor = factor.float().view(B, 1, 1, 1)    # factor 1 (every other op) returns the image exactly
+    img = (degenerate + factor * (img - degenerate)).clamp(0, 255).floor()
+
+    # 3. geometric ops as PIL's Image.transform(AFFINE): the output pixel centre (x + ½, y + ½) reads the input at
+    # (a·x' + b·y' + c, d·x' + e·y' + f); points outside [0, W) x [0, H) get the fill colour
+    theta = torch.where(is_("Rotate"), -torch.deg2rad(level * 30 * sign), 0.0)   # Image.rotate about the centre
+    cos, sin = theta.cos(), theta.sin()
+    shear = level * 0.3 * sign
+    tx = torch.where(is_("TranslateX"), level * translate_const * sign,
+                     torch.where(is_("TranslateXRel"), level * translate_pct * sign * W, 0.0))
+    ty = torch.where(is_("TranslateY"), level * translate_const * sign,
+                     torch.where(is_("TranslateYRel"), level * translate_pct * sign * H, 0.0))
+    rotate, cx, cy = is_("Rotate"), W / 2, H / 2
+    a = torch.stack([cos, torch.where(is_("ShearX"), shear, sin), torch.where(rotate, cx - cos * cx - sin * cy, tx),
+                     torch.where(is_("ShearY"), shear, -sin), cos, torch.where(rotate, cy + sin * cx - cos * cy, ty)],
+                    1).float().view(B, 6, 1, 1)
+    xs = torch.arange(W, device=dev, dtype=torch.float32) + 0.5
+    ys = torch.arange(H, device=dev, dtype=torch.float32).view(H, 1) + 0.5
+    x_in = a[:, 0] * xs + (a[:, 1] * ys + a[:, 2])    # (B, 1, W) + (B, H, 1) -> (B, H, W), in input pixels
+    y_in = a[:, 3] * xs + (a[:, 4] * ys + a[:, 5])
+    inside = ((x_in >= 0) & (x_in < W) & (y_in >= 0) & (y_in < H)).unsqueeze(1)
+    # bilinear for every geometric op (timm draws bilinear or bicubic per op; PIL's bicubic (a = -0.5) is not
+    # grid_sample's (a = -0.75), and one mode keeps it one pass); align_corners=False and border padding are PIL's
+    # centre convention and edge clamping; PIL truncates, +1e-3 absorbs float32 error at whole values
+    warped = F.grid_sample(img, torch.stack([x_in * (2 / W) - 1, y_in * (2 / H) - 1], -1), mode="bilinear",
+                           padding_mode="border", align_corners=False)
+    channel = torch.arange(C, device=dev).view(1, C, 1, 1)
+    fill = torch.where(channel == 0, float(fill[0]), torch.where(channel == 1, float(fill[1]), float(fill[2])))
+    warped = torch.where(inside, (warped + 1e-3).floor(), fill)   # a convex combination: stays in [0, 255]
+    geometric = is_("Rotate", "ShearX", "ShearY", "TranslateX", "TranslateY", "TranslateXRel", "TranslateYRel")
+    return torch.where(geometric.view(B, 1, 1, 1), warped, img).to(torch.uint8)
+
+
+@_float32
+def apply_augment_ops(images, ops, magnitudes, signs, applied, fill, translate_const=None, translate_pct=0.45):
+    """images uint8 (B, 3, H, W) on any device -> uint8 (B, 3, H, W); the ops of each column applied in order, every
+    image its own op and magnitude, all in batched tensor ops (no Python loop over images, no host sync).
+
+    ops, magnitudes, signs, applied: (B, K) from auto_augment_draws / rand_augment_draws. fill: the RGB colour of
+    pixels a geometric op moves in (timm: img_mean = round(255·mean)). translate_const: pixels of TranslateX/Y at
+    magnitude 10 (timm: int(0.45·min(H, W)), the default here); translate_pct: the same for TranslateX/YRel."""
+    if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f"augmentation needs uint8 images of shape (batch, 3, H, W); got {images.dtype} "
+                         f"{tuple(images.shape)}")
+    if translate_const is None:
+        translate_const = int(min(images.shape[-2:]) * 0.45)
+    for k in range(ops.shape[1]):
+        op = torch.where(applied[:, k], ops[:, k], -1)
+        images = _augment_column(images, op, magnitudes[:, k].double() / 10.0, signs[:, k].double(), fill,
+                                 float(translate_const), float(translate_pct))
+    return images
+
+
+def auto_augment(images, generator, magnitude_std=0.5, fill=(124, 116, 104), translate_const=None):
+    """timm's AutoAugment 'original-mstd{magnitude_std}' on a uint8 (B, 3, H, W) batch, per image."""
+    draws = auto_augment_draws(len(images), generator, magnitude_std=magnitude_std)
+    return apply_augment_ops(images, *draws, fill=fill, translate_const=translate_const)
+
+
+def rand_augment(images, generator, magnitude=9, num_ops=2, prob=0.5, magnitude_std=0.5, fill=(124, 116, 104)):
+    """timm's RandAugment 'rand-m{magnitude}-n{num_ops}-mstd{magnitude_std}-inc1' on a uint8 (B, 3, H, W) batch."""
+    draws = rand_augment_draws(len(images), generator, magnitude, num_ops, prob, magnitude_std)
+    return apply_augment_ops(images, *draws, fill=fill)
