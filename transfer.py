@@ -1,21 +1,26 @@
-"""Table 3: a weak ResNet teacher (ResNet50 on ImageNet, ResNet101 on iNaturalist) supervises the fine-tuning of an
-MAE-pretrained ViT-B/16, with ground truth (--gt-weight 1) or from the teacher alone (--gt-weight 0), for the losses
+"""Table 3: a weak ResNet teacher (ResNet50 on ImageNet, ResNet101 on iNaturalist 2018) supervises the fine-tuning of
+an MAE-pretrained ViT-B/16, with ground truth (--gt-weight 1) or from the teacher alone (--gt-weight 0), for the losses
 ce (student baseline), kd, fitnet, rkd, dkd, augconf and adaptconf (Eq. 2), with MAE's fine-tuning recipe.
 
   python transfer.py --data-dir /data/imagenet --pretrained mae_pretrain_vit_base.pth --teacher resnet50 \
       --teacher-ckpt resnet50_a1_0-14fe96d1.pth --loss adaptconf --out runs/t3a_adaptconf_gt
-  torchrun --nproc_per_node=8 transfer.py --dataset inat2019 --data-dir /data/inat --pretrained \
+  torchrun --nproc_per_node=8 transfer.py --dataset inat2018 --data-dir /data/inat --pretrained \
       mae_pretrain_vit_base.pth --teacher resnet101 --teacher-ckpt r101_inat.pth --loss kd --gt-weight 0 --out runs/x
   python transfer.py --loss adaptconf --benchmark 50      # synthetic images, random teacher: images/s, ms/step
 
 Paper, Table 3 (top-1, Teacher + GT / Teacher only): ImageNet, ResNet50 teacher 80.36: ce 83.53, kd 83.62/82.32,
-adaptconf 83.86/82.51; iNaturalist 2019, ResNet101 teacher 67.42: ce 75.28, kd 75.60/71.57, adaptconf 76.03/71.99.
-Choices the official code does not show for a ViT student:
-- fitnet: the last block's patch tokens (B, D, H/16, W/16) are regressed onto the teacher's layer4 map with
-  common.FeatureRegressor; fitnet and rkd with --gt-weight 0 add the KD term, so that the head learns from the teacher.
-- dkd's target class is the argmax of the mixed ground-truth target, so dkd needs --gt-weight > 0.
-- With mixup/cutmix the teacher sees the same mixed images as the student; the gt term uses the mixed soft target.
-- RandAugment is torchvision's with 11 magnitude bins (m9 = 9/10 of each range, as timm's m9 without its jitter).
+adaptconf 83.86/82.51; iNaturalist 2018, ResNet101 teacher 67.42: ce 75.28, kd 75.60/71.57, adaptconf 76.03/71.99.
+Augmentation as the official timm pipeline: random-resized crop (bilinear or bicubic) and flip in the workers, then
+batched on the device in its prefetcher's order: RandAugment rand-m9-mstd0.5-inc1 (common.rand_augment, ~50 ms an image
+on a CPU), mixup 0.8 / cutmix 1.0, random erasing 0.25 (pixel). Evaluation: bicubic resize 248, centre crop 224.
+Where we differ from the official code, or it shows nothing for a ViT student:
+- Normalisation: ImageNet mean/std for student and teacher (one shared tensor), not timm 0.6.12's (0.5, 0.5) config
+  of vit_base_patch16_224: the ResNet teachers and the MAE checkpoint were trained with ImageNet's.
+- mixup/cutmix pair each image with its batch neighbour (timm: the mirrored batch) and mix float images (timm: uint8).
+- fitnet, rkd (no official version for a ViT): the last block's patch tokens (B, D, H/16, W/16) are regressed onto the
+  teacher's layer4 map (common.FeatureRegressor), rkd uses pooled features; with --gt-weight 0 both add the KD term.
+- dkd's target class is the argmax of the mixed ground-truth target (official), so dkd needs --gt-weight > 0.
+- lr: MAE's per-step warm-up from 0, then cosine; the official timm scheduler steps per epoch, warm-up from 1e-4.
 """
 import argparse
 import hashlib
@@ -40,7 +45,7 @@ from torchvision import transforms
 from torchvision.datasets.folder import default_loader
 
 from common import (FeatureRegressor, adaptconf_beta, adaptconf_loss, augconf_alpha, augconf_loss, beta_counts,
-                    beta_summary, dkd_loss, hint_loss, kd_loss, rkd_loss, topk_correct)
+                    beta_summary, dkd_loss, hint_loss, kd_loss, rand_augment, rkd_loss, topk_correct)
 
 # ---- shared: DDP, seeding, logging, checkpoints, errors ----------------------------------------------------------
 # Copied on purpose, identically, into every script (tests/test_copies.py keeps the copies equal): edit all together.
@@ -456,20 +461,18 @@ def teacher_forward(t, x):
 
 # ---- data ---------------------------------------------------------------------------------------------------------
 
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)   # ImageNet's, for student and teacher (docstring)
 
 
 def build_transforms(args):
-    bicubic = transforms.InterpolationMode.BICUBIC
-    train = [transforms.RandomResizedCrop(args.image_size, scale=(0.08, 1.0), interpolation=bicubic),
-             transforms.RandomHorizontalFlip(),
-             # 2 ops, magnitude 9 of 11 bins: 9/10 of each op's range, as timm's m9 in MAE's recipe (torchvision's
-             # default 31 bins would make m9 three times weaker)
-             transforms.RandAugment(num_ops=2, magnitude=9, num_magnitude_bins=11, interpolation=bicubic),
-             transforms.ToTensor(), transforms.Normalize(MEAN, STD),
-             transforms.RandomErasing(p=0.25, value="random")]   # per-pixel normal noise, as timm
-    val = [transforms.Resize(int(args.image_size / 0.875), interpolation=bicubic),   # 224 -> 256 -> centre 224
-           transforms.CenterCrop(args.image_size), transforms.ToTensor(), transforms.Normalize(MEAN, STD)]
+    """(train, val) per image in the DataLoader workers. train: timm's random-resized crop (interpolation "random":
+    bilinear or bicubic) and flip -> uint8 (3, H, W); augment() does the rest on the device. val: timm's eval crop
+    for ViT-B (crop_pct 0.9, bicubic: 224 <- 248), normalised."""
+    size, modes = args.image_size, (transforms.InterpolationMode.BILINEAR, transforms.InterpolationMode.BICUBIC)
+    train = [transforms.RandomChoice([transforms.RandomResizedCrop(size, scale=(0.08, 1.0), interpolation=m)
+                                      for m in modes]), transforms.RandomHorizontalFlip(), transforms.PILToTensor()]
+    val = [transforms.Resize(math.floor(size / 0.9), interpolation=modes[1]), transforms.CenterCrop(size),
+           transforms.ToTensor(), transforms.Normalize(MEAN, STD)]
     return transforms.Compose(train), transforms.Compose(val)
 
 
@@ -552,13 +555,13 @@ def build_datasets(args):
 def load_data(args, rank, world_size, device):
     """(train_set, val_loader, num_classes): train_one_epoch shards and shuffles train_set anew every epoch; val_loader
     holds this process's validation images rank::world_size (no padding: evaluate counts every image once). Under
-    --benchmark: synthetic images of the real size, max(STEPS, 5) batches per process, and no val_loader."""
+    --benchmark: synthetic images of the real size through the training augmentation, max(STEPS, 5) batches per
+    process, and no val_loader."""
     if args.benchmark:
         num_classes = {"inat2018": 8142, "inat2019": 1010}.get(args.dataset, 1000)
-        n = max(args.benchmark, 5) * args.batch_size * world_size   # one random image n times (a view, no copies)
-        image = torch.randn(1, 3, args.image_size, args.image_size, generator=seeded("synthetic"))
-        synthetic = torch.utils.data.TensorDataset(image.expand(n, -1, -1, -1), torch.arange(n) % num_classes)
-        return synthetic, None, num_classes
+        n = max(args.benchmark, 5) * args.batch_size * world_size
+        return torchvision.datasets.FakeData(n, (3, args.image_size, args.image_size), num_classes,
+                                             build_transforms(args)[0]), None, num_classes
     train_set, val_set, num_classes = build_datasets(args)
     if not args.eval_only and len(train_set) // world_size < args.batch_size:   # --eval-only trains nothing
         raise UserError(f"the training set has {len(train_set)} images, fewer than one batch of {args.batch_size} "
@@ -585,6 +588,38 @@ def mix(images, labels, num_classes, rng):
         images[..., y1:y2, x1:x2] = rolled[..., y1:y2, x1:x2]
         lam = 1.0 - (y2 - y1) * (x2 - x1) / (H * W)
     return images, target * lam + target.roll(1, 0) * (1.0 - lam)
+
+
+def random_erase(images, generator, p=0.25, attempts=10):
+    """timm's RandomErasing(p, mode="pixel", max_count=1) on a normalised (B, 3, H, W) batch on its device: with
+    probability p an image gets the first of 10 random boxes that fits (area 2%-1/3 of the image, aspect 0.3-1/0.3
+    log-uniform) filled with N(0, 1) noise per pixel. Draws in float64 as timm's Python floats."""
+    B, _, H, W = images.shape
+    u = lambda *shape: torch.rand(shape, generator=generator, device=images.device, dtype=torch.float64)  # noqa: E731
+    area = H * W * (0.02 + (1 / 3 - 0.02) * u(B, attempts))                                    # (B, attempts)
+    aspect = torch.exp(math.log(0.3) + (math.log(1 / 0.3) - math.log(0.3)) * u(B, attempts))
+    h, w = (area * aspect).sqrt().round(), (area / aspect).sqrt().round()
+    fits = (h < H) & (w < W)
+    first = fits.double().argmax(1, keepdim=True)                                            # (B, 1)
+    erase = (u(B, 1) < p) & fits.any(1, keepdim=True)
+    h, w = h.gather(1, first), w.gather(1, first)
+    top, left = (u(B, 1) * (H - h + 1)).floor(), (u(B, 1) * (W - w + 1)).floor()            # timm's randint(0, H - h)
+    ys, xs = torch.arange(H, device=images.device).view(H, 1), torch.arange(W, device=images.device)
+    box = (erase.view(B, 1, 1) & (ys >= top.view(B, 1, 1)) & (ys < (top + h).view(B, 1, 1))
+           & (xs >= left.view(B, 1, 1)) & (xs < (left + w).view(B, 1, 1)))                   # (B, H, W)
+    noise = torch.randn(images.shape, generator=generator, device=images.device, dtype=images.dtype)
+    return torch.where(box.unsqueeze(1), noise, images)
+
+
+def augment(images, labels, num_classes, generator, rng):
+    """The rest of timm's training augmentation on the device, in its prefetcher's order: RandAugment
+    rand-m9-mstd0.5-inc1 per image on the uint8 crops (fill: the mean colour), ImageNet normalisation, mixup/cutmix,
+    random erasing 0.25 -> (images (B, 3, H, W) float32, (B, C) soft targets)."""
+    images = rand_augment(images, generator, magnitude=9, num_ops=2, prob=0.5, magnitude_std=0.5,
+                          fill=tuple(round(255 * m) for m in MEAN))   # timm's img_mean (124, 116, 104)
+    images = torch.stack([(images[:, c].float() / 255 - MEAN[c]) / STD[c] for c in range(3)], 1)
+    images, targets = mix(images, labels, num_classes, rng)
+    return random_erase(images, generator), targets
 
 
 # ---- loss, schedule, training and evaluation ----------------------------------------------------------------------
@@ -632,16 +667,18 @@ def train_one_epoch(args, epoch, model, teacher, regressor, optimizer, train_set
                     max_steps=None):
     """One epoch (its first max_steps steps if given) -> {lr (last step), loss, loss_<term>, train_beta_* (adaptconf),
     bad_images, images_per_s}: means over every step of every process, read from the device once, at the end."""
-    # each process: an equal shard of one permutation; seeds for the workers' augmentation, for mixup/cutmix, and for
-    # the global RNG: drop path and (with --workers 0) the augmentation
+    # each process: an equal shard of one permutation; seeds for the workers' crops, for augment() on the device, for
+    # mixup/cutmix, and for the global RNG: drop path and (with --workers 0) the crops
     perm = torch.randperm(len(train_set), generator=seeded("shuffle", args.seed, epoch))
     shard = perm[rank * (len(perm) // world_size):(rank + 1) * (len(perm) // world_size)].tolist()
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(train_set, shard), batch_size=args.batch_size,
                                          drop_last=True, num_workers=args.workers, pin_memory=device.type == "cuda",
                                          generator=seeded("augment", args.seed, rank, epoch))
     torch.manual_seed(seeded("train", args.seed, rank, epoch).initial_seed())
+    random.seed(torch.initial_seed())   # Python's too: RandomChoice of the crop's interpolation
     model.train()   # (the regressor is never switched to eval)
     mix_rng = random.Random(seeded("mix", args.seed, rank, epoch).initial_seed())
+    augment_rng = seeded("augment on the device", args.seed, rank, epoch, device=device)
     sums, beta, bad = {}, torch.zeros(13, dtype=torch.float64, device=device), 0   # beta: summed beta_counts
     steps, start = max_steps or len(loader), time.time()
     progress = Progress(rank, steps, args.batch_size * world_size,
@@ -652,9 +689,9 @@ def train_one_epoch(args, epoch, model, teacher, regressor, optimizer, train_set
         for group in optimizer.param_groups:
             group["lr"] = lr * group["lr_scale"]
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        images, targets = augment(images, labels, num_classes, augment_rng, mix_rng)   # one batch for both models
         if device.type == "cuda":
             images = images.contiguous(memory_format=torch.channels_last)
-        images, targets = mix(images, labels, num_classes, mix_rng)   # one mixed batch for student and teacher
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.amp and device.type == "cuda"):
             student_out = model(images, features=True)                        # (logits, pooled, token grid)
             with torch.no_grad():
@@ -833,7 +870,7 @@ def parse_args(argv=None):
     g.add_argument("--drop-path", type=float, default=0.1, help="stochastic depth rate of the last block")
     g = p.add_argument_group("optimisation", "MAE fine-tuning (paper appendix, official config): AdamW,\nlayer-wise "
                              "lr decay 0.65, weight decay 0.05 (none on norms, biases, tokens), cosine to 1e-6,\n"
-                             "RandAugment m9 (2 ops), random erasing 0.25, mixup 0.8 or cutmix 1.0 (one per batch)")
+                             "RandAugment rand-m9-mstd0.5-inc1, random erasing 0.25, mixup 0.8 or cutmix 1.0")
     g.add_argument("--epochs", type=int, default=100, help="training epochs")
     g.add_argument("--batch-size", type=int, default=128, help="batch size PER PROCESS (8 x 128 = 1024 official)")
     g.add_argument("--blr", type=float, default=5e-4, help="base lr: AdamW lr = blr x global_batch / 256")
@@ -865,8 +902,9 @@ def parse_args(argv=None):
     g.add_argument("--stop-after", type=int, default=None, help="stop after this many epochs (of the full schedule)")
     g.add_argument("--eval-only", default=None, metavar="CKPT", help="evaluate the student weights at CKPT and stop")
     g.add_argument("--benchmark", type=int, default=0, metavar="STEPS",
-                   help="time STEPS steps of the training loop on synthetic images of the real size (no data; without "
-                        "--teacher-ckpt the teacher keeps random weights); prints images/s, ms/step")
+                   help="time STEPS steps of the training loop on synthetic images of the real size, augmented as\n"
+                        "real ones (no data; without --teacher-ckpt the teacher keeps random weights); prints\n"
+                        "images/s, ms/step")
     args = p.parse_args(argv)
     check_numbers(p, args)
     if args.loss in ("ce", "dkd") and args.gt_weight <= 0:

@@ -7,6 +7,7 @@ import math
 import os
 import random
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -249,6 +250,10 @@ def step_setup(loss, gt_weight=1.0):
     return args, student, teacher, regressor
 
 
+def uint8_images(n, size=32):   # crops as the workers deliver them
+    return torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(n))
+
+
 def train_steps(args, student, teacher, regressor, images, labels, epoch=2):
     """train_one_epoch over (images, labels) in batches of --batch-size; returns its stats."""
     groups = transfer.param_groups_lrd(student, 0.05, 0.65)
@@ -262,7 +267,7 @@ def train_steps(args, student, teacher, regressor, images, labels, epoch=2):
 
 def test_mixed_targets_sum_to_one_and_the_teacher_sees_the_same_mixed_batch(monkeypatch):
     args, student, teacher, regressor = step_setup("kd")
-    images, labels = torch.randn(24, 3, 32, 32), torch.arange(24) % NUM_CLASSES   # 4 batches of 6
+    images, labels = uint8_images(24), torch.arange(24) % NUM_CLASSES   # 4 batches of 6
     seen = {"student": [], "teacher": [], "targets": []}
     student.patch_embed.proj.register_forward_pre_hook(lambda m, inp: seen["student"].append(inp[0].clone()))
     teacher.conv1.register_forward_pre_hook(lambda m, inp: seen["teacher"].append(inp[0].clone()))
@@ -275,8 +280,7 @@ def test_mixed_targets_sum_to_one_and_the_teacher_sees_the_same_mixed_batch(monk
     train_steps(args, student, teacher, regressor, images, labels)
     assert len(seen["student"]) == len(seen["teacher"]) == len(seen["targets"]) == 4
     for x, x_teacher, targets in zip(seen["student"], seen["teacher"], seen["targets"]):
-        assert torch.equal(x, x_teacher)                                       # one mixed batch for both
-        assert not any(torch.equal(x[0], original) for original in images)     # and it is mixed
+        assert torch.equal(x, x_teacher)                                       # one augmented, mixed batch for both
         assert targets.shape == (6, NUM_CLASSES) and torch.allclose(targets.sum(1), torch.ones(6))
     assert all((t.max(dim=1).values < 1).any() for t in seen["targets"])   # soft, mixed targets
 
@@ -286,7 +290,7 @@ def test_mixed_targets_sum_to_one_and_the_teacher_sees_the_same_mixed_batch(monk
                                             ("adaptconf", 1), ("adaptconf", 0)])
 def test_every_loss_trains_with_finite_terms_and_gradients(loss, gt_weight):
     args, student, teacher, regressor = step_setup(loss, gt_weight)
-    stats = train_steps(args, student, teacher, regressor, torch.randn(6, 3, 32, 32), torch.tensor([0, 1, 2] * 2))
+    stats = train_steps(args, student, teacher, regressor, uint8_images(6), torch.tensor([0, 1, 2] * 2))
     terms = {k.removeprefix("loss_") for k in stats if k.startswith("loss_")}
     assert math.isfinite(stats["loss"]) and stats["loss"] > 0
     assert ("gt" in terms) == (gt_weight > 0)
@@ -303,19 +307,78 @@ def test_every_loss_trains_with_finite_terms_and_gradients(loss, gt_weight):
         assert sum(stats["train_beta_hist"]) == pytest.approx(1.0)
 
 
-def test_recipe_constants_are_maes_fine_tuning():
-    """The flags that never varied are constants now: RandAugment 2 ops m9 of 11 bins, random erasing 0.25 with
-    per-pixel noise, evaluation resize 256 / centre crop 224 (mixup 0.8 or cutmix 1.0: the next test)."""
-    train, val = transfer.build_transforms(transfer.parse_args(["--loss", "ce"]))
-    kinds = [type(t).__name__ for t in train.transforms]
-    assert kinds == ["RandomResizedCrop", "RandomHorizontalFlip", "RandAugment", "ToTensor", "Normalize",
-                     "RandomErasing"]
-    crop, _, randaug, _, _, erasing = train.transforms
-    assert crop.scale == (0.08, 1.0) and crop.interpolation == torchvision.transforms.InterpolationMode.BICUBIC
-    assert (randaug.num_ops, randaug.magnitude, randaug.num_magnitude_bins) == (2, 9, 11)
-    assert (erasing.p, erasing.value) == (0.25, "random")
-    assert [type(t).__name__ for t in val.transforms] == ["Resize", "CenterCrop", "ToTensor", "Normalize"]
-    assert val.transforms[0].size == 256 and val.transforms[1].size == (224, 224)
+def test_training_augmentation_is_timms_with_randaugment_per_image_on_the_device():
+    """Workers: timm's random-resized crop (bilinear or bicubic at random, scale 0.08-1) and flip -> uint8 crops.
+    augment() on the device: common.rand_augment with timm's rand-m9-mstd0.5-inc1 parameters and ImageNet's mean
+    colour as fill, each image its own draws; ImageNet normalisation; mixup/cutmix; random erasing. Checked against
+    the same steps done one by one (normalisation in float64) from the same generator."""
+    train, _ = transfer.build_transforms(transfer.parse_args(["--loss", "ce", "--image-size", "32"]))
+    assert [type(t).__name__ for t in train.transforms] == ["RandomChoice", "RandomHorizontalFlip", "PILToTensor"]
+    modes = torchvision.transforms.InterpolationMode
+    crops = train.transforms[0].transforms
+    assert [c.interpolation for c in crops] == [modes.BILINEAR, modes.BICUBIC]
+    assert all(c.size == (32, 32) and c.scale == (0.08, 1.0) and c.ratio == pytest.approx((3 / 4, 4 / 3))
+               for c in crops)
+    crop = train(Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 48, 3), dtype=np.uint8)))
+    assert crop.shape == (3, 32, 32) and crop.dtype == torch.uint8
+    images, labels = crop.expand(6, -1, -1, -1), torch.tensor([0, 1, 2] * 2)   # one crop six times
+    got, targets = transfer.augment(images, labels, NUM_CLASSES, torch.Generator().manual_seed(1), FixedDraws(0.2))
+    generator = torch.Generator().manual_seed(1)
+    augmented = common.rand_augment(images, generator, magnitude=9, num_ops=2, prob=0.5, magnitude_std=0.5,
+                                    fill=(124, 116, 104))
+    assert sum(not torch.equal(a, augmented[0]) for a in augmented[1:]) >= 3   # each image its own ops
+    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+    x = (augmented.double() / 255 - mean.double()) / std.double()
+    x = 0.3 * x + 0.7 * x.roll(1, 0)                                           # mixup, λ = 0.3 (FixedDraws)
+    want = transfer.random_erase(x.float(), generator)
+    assert got.dtype == torch.float32 and torch.allclose(got, want, atol=1e-5)
+    one_hot = F.one_hot(labels, NUM_CLASSES).float()
+    assert torch.allclose(targets, 0.3 * one_hot + 0.7 * one_hot.roll(1, 0))
+
+
+def test_random_erasing_is_timms_pixel_mode_image_by_image():
+    """random_erase against timm's RandomErasing(0.25, mode="pixel") written as its per-image loop over the same
+    uniform draws, and in distribution: a quarter of the images, boxes of 2%-1/3 of the area, N(0, 1) noise."""
+    B, H, W = 400, 24, 16
+    images = torch.full((B, 3, H, W), 7.0)
+    got = transfer.random_erase(images, torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)
+    u_area, u_aspect, u_p, u_top, u_left = (torch.rand(shape, generator=g, dtype=torch.float64).tolist()
+                                            for shape in ((B, 10), (B, 10), (B,), (B,), (B,)))
+    noise = torch.randn(images.shape, generator=g)
+    want = images.clone()
+    for i in range(B):
+        if u_p[i] >= 0.25:
+            continue
+        for a in range(10):
+            area = H * W * (0.02 + (1 / 3 - 0.02) * u_area[i][a])
+            aspect = math.exp(math.log(0.3) + (math.log(1 / 0.3) - math.log(0.3)) * u_aspect[i][a])
+            h, w = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+            if h < H and w < W:
+                top, left = int(u_top[i] * (H - h + 1)), int(u_left[i] * (W - w + 1))
+                want[i, :, top:top + h, left:left + w] = noise[i, :, top:top + h, left:left + w]
+                break
+    assert torch.equal(got, want)
+    erased = (got != 7.0).any(1).double()                                   # (B, H, W)
+    fraction = erased.flatten(1).mean(1)
+    assert 0.19 < (fraction > 0).double().mean() < 0.31
+    assert fraction[fraction > 0].min() >= 0.015 and fraction.max() <= 0.36
+    values = got[got != 7.0]
+    assert abs(values.mean()) < 0.05 and abs(values.std() - 1) < 0.05
+
+
+def test_evaluation_is_timms_bicubic_resize_and_centre_crop_with_imagenet_normalisation():
+    """ViT-B's timm config: crop_pct 0.9, bicubic (224: resize the short side to 248, centre crop 224); here 40 px:
+    short side floor(40 / 0.9) = 44. Checked against PIL and numpy in float64."""
+    _, val = transfer.build_transforms(transfer.parse_args(["--loss", "ce", "--model", "vit_tiny_test", "--image-size", "40"]))
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (60, 90, 3), dtype=np.uint8))   # H 60, W 90 -> 44 x 66
+    resized = np.asarray(image.resize((66, 44), Image.BICUBIC), dtype=np.float64) / 255
+    crop = resized[2:42, 13:53]   # centred: (44 - 40) / 2 rows, (66 - 40) / 2 columns
+    want = (crop - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])
+    got = val(image)
+    assert got.shape == (3, 40, 40)
+    assert np.allclose(got.permute(1, 2, 0).double().numpy(), want, atol=1e-5)
 
 
 class FixedDraws:   # stands in for random.Random: mixup (u < 0.5) or cutmix, λ = 0.3, box centre (10, 10)
@@ -488,25 +551,42 @@ def test_training_steps_read_nothing_back_from_the_device(loss):
     assert syncs_per_step(run) == {}
 
 
-def test_inaturalist_split_follows_the_official_json_files(tmp_path):
-    """torchvision's INaturalist layout (<root>/2019/<super>/<id>/file) split by train2019.json / val2019.json."""
+@pytest.mark.parametrize("version", ["2018", "2019"])
+def test_inaturalist_split_follows_the_official_json_files(tmp_path, version):
+    """torchvision's INaturalist layout (<root>/<version>/<super>/<id>/file; train_val<version>/ renamed) split by the
+    official train<version>.json / val<version>.json (images, annotations, categories): every image of a split is
+    read, with the annotation's category_id as its label (Table 3b: 2018)."""
     root = tmp_path / "inat"
-    images = {"train": [], "val": []}
-    for cat, sup in [(0, "Plantae"), (1, "Plantae"), (2, "Aves")]:
-        folder = root / "2019" / sup / str(cat)
+    meta = {"train": {"images": [], "annotations": []}, "val": {"images": [], "annotations": []}}
+    categories = [(0, "Plantae"), (1, "Plantae"), (2, "Aves")]   # ids are not in sorted super-category order
+    for cat, sup in categories:
+        folder = root / version / sup / str(cat)
         folder.mkdir(parents=True)
         for i in range(3):
-            Image.new("RGB", (20, 20), (40 * cat, 0, 0)).save(folder / f"{i}.jpg")
-            images["val" if i == 2 else "train"].append({"file_name": f"train_val2019/{sup}/{cat}/{i}.jpg"})
-    for split, imgs in images.items():
-        with open(root / f"{split}2019.json", "w") as f:
-            json.dump({"images": imgs}, f)
-    args = transfer.parse_args(["--dataset", "inat2019", "--data-dir", str(root), "--image-size", "16", "--loss", "ce"])
+            Image.new("RGB", (20, 20), (80 * cat, 0, 0)).save(folder / f"{i}.jpg")
+            split, image_id = meta["val" if i == 2 else "train"], 10 * cat + i
+            split["images"].append({"id": image_id, "file_name": f"train_val{version}/{sup}/{cat}/{i}.jpg",
+                                    "width": 20, "height": 20})
+            split["annotations"].append({"id": image_id, "image_id": image_id, "category_id": cat})
+    for split, content in meta.items():
+        with open(root / f"{split}{version}.json", "w") as f:
+            json.dump({**content, "categories": [{"id": c, "name": f"species {c}", "supercategory": s}
+                                                 for c, s in categories]}, f)
+    args = transfer.parse_args([f"--dataset=inat{version}", "--data-dir", str(root), "--image-size", "16",
+                                "--loss", "ce"])
     train, val, num_classes = transfer.build_datasets(args)
     assert (len(train), len(val), num_classes) == (6, 3, 3)
-    assert sorted(val[i][1] for i in range(3)) == [0, 1, 2]
-    os.remove(root / "val2019.json")
-    with pytest.raises(transfer.UserError, match="val2019.json is missing"):
+    for split, subset in (("train", train), ("val", val)):
+        want = {(img["file_name"].split("/", 1)[1], ann["category_id"])
+                for img, ann in zip(meta[split]["images"], meta[split]["annotations"])}
+        ds = subset.dataset
+        got = {(os.path.join(ds.all_categories[ds.index[i][0]], ds.index[i][1]), subset[k][1])
+               for k, i in enumerate(subset.indices)}
+        assert got == want
+    for image, label in val:   # the label is the class of the pixels too (red = 80 x category_id)
+        assert image[0].mean().item() * 0.229 + 0.485 == pytest.approx(80 * label / 255, abs=0.02)
+    os.remove(root / f"val{version}.json")
+    with pytest.raises(transfer.UserError, match=f"val{version}.json is missing"):
         transfer.build_datasets(args)
 
 
@@ -642,6 +722,6 @@ def test_progress_lines_inside_an_epoch(monkeypatch, capsys):
     """train_one_epoch reports step, images/s and the ETA every 30 s (here: every step) on rank 0."""
     monkeypatch.setattr(transfer, "Progress", functools.partial(transfer.Progress, every=0.0))
     args, student, teacher, regressor = step_setup("ce")
-    train_steps(args, student, teacher, regressor, torch.randn(24, 3, 32, 32), torch.arange(24) % NUM_CLASSES)
+    train_steps(args, student, teacher, regressor, uint8_images(24), torch.arange(24) % NUM_CLASSES)
     out = capsys.readouterr().out
     assert "step 1/4" in out and "step 3/4" in out and "images/s" in out and "the run in" in out
