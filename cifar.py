@@ -1,21 +1,22 @@
 """Weak-to-strong distillation on CIFAR-100 / CIFAR-10: Tables 1, 2a, 2b and Figures 2-3 of "Vision Superalignment"
 (Guo et al., arXiv 2402.03749), on the RepDistiller/mdistiller model zoo (their checkpoints load with strict=True).
 
-    # a weak teacher, then a strong student distilled from it with AdaptConf (Eq. 2); --gt-weight 0 = Table 2b
-    torchrun --nproc_per_node=8 cifar.py --data-dir data --model resnet20 --loss ce --out runs/resnet20
-    torchrun --nproc_per_node=8 cifar.py --data-dir data --model resnet56 --loss adaptconf --teacher resnet20 \
-        --teacher-ckpt runs/resnet20/checkpoint.pt --out runs/resnet56_adaptconf
+    # the whole experiment: CIFAR-100 fetched into --data-dir if missing, the weak teacher ShuffleV1 trained (--loss
+    # ce) in runs/teachers/cifar100_ShuffleV1_seed0 or reused from there, then resnet32x4 distilled from it (Table 2a)
+    torchrun --nproc_per_node=8 cifar.py --loss adaptconf
+    torchrun --nproc_per_node=8 cifar.py --model resnet56 --loss adaptconf --out runs/r56   # <- resnet20 (Table 1)
     python cifar.py --dataset synthetic --model resnet8 --epochs 2 --warmup-epochs 0   # no data: a CPU, a minute
 
 Paper, top-1 (mean of 3 runs): resnet20 (68.93) -> resnet56: 72.94 from scratch, 74.17 with AdaptConf (Table 1);
 ShuffleV1 (72.40) -> resnet32x4: 79.90 scratch, 80.99 AdaptConf (Table 2a), 78.48 without labels (Table 2b).
-The recipe is the paper's and the official cifar_v0.yaml's (on timm): see --help. The training set stays on the
-device as uint8 and is augmented there in batches. Where we differ from the official code:
+The recipe is the paper's (the official cifar_v0.yaml, on timm), or cifar_v1.yaml's with --augment v1: see --help.
+The training set stays on the device as uint8 and is augmented there in batches. Where we differ from the official code:
 - The lr warm-up (from 0) and cosine (after the warm-up) are set per step; timm steps them per epoch from 1e-4.
 - FitNet regressors are conv + BN + ReLU (mdistiller's ConvReg), not the official bare 1x1 convolutions, which cannot
   map the different spatial sizes of the Table 2 pairs.
 - Feature losses use post-activation stage outputs (mdistiller's ReviewKD uses pre-activation ones); without labels
   (--gt-weight 0) FitNet, RKD and ReviewKD also learn the teacher's logits, or the classifier would get no signal.
+- Crops and AutoAugment's geometric ops interpolate bilinearly (timm's training default picks bilinear or bicubic).
 """
 import argparse
 import hashlib
@@ -37,7 +38,8 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from common import (FeatureRegressor, ReviewKDFusion, adaptconf_beta, adaptconf_loss, augconf_alpha, augconf_loss,
-                    beta_counts, beta_summary, dkd_loss, hcl_loss, hint_loss, kd_loss, rkd_loss, topk_correct)
+                    auto_augment, beta_counts, beta_summary, dkd_loss, hcl_loss, hint_loss, kd_loss, rkd_loss,
+                    topk_correct)
 
 # ---- shared: DDP, seeding, logging, checkpoints, errors ----------------------------------------------------------
 # Copied on purpose, identically, into every script (tests/test_copies.py keeps the copies equal): edit all together.
@@ -589,17 +591,27 @@ CIFAR_FILES = {   # folder, training files, test files, label key, classes
     "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], "labels", 10)}
 
 
-def read_cifar(data_dir, dataset):
-    """The python-pickle release read directly: (train_x, train_y, test_x, test_y, classes); x uint8 (N, 3, 32, 32)."""
+def read_cifar(data_dir, dataset, rank=0):
+    """The python-pickle release read directly: (train_x, train_y, test_x, test_y, classes); x uint8 (N, 3, 32, 32).
+    Missing from --data-dir: rank 0 fetches it with torchvision first, the others wait for its answer."""
     folder, train_files, test_files, label_key, classes = CIFAR_FILES[dataset]
-    root = os.path.join(data_dir, folder)
-    if not os.path.isdir(root) and os.path.isfile(os.path.join(data_dir, test_files[0])):
-        root = data_dir   # --data-dir may also point at the extracted folder itself
-    missing = [f for f in train_files + test_files if not os.path.isfile(os.path.join(root, f))]
-    if missing:
-        raise UserError(f"{dataset} not found: expected {os.path.join(data_dir, folder)}/ holding "
-                        f"{', '.join(train_files + test_files)} (the 'python version' from "
-                        "https://www.cs.toronto.edu/~kriz/cifar.html); fix --data-dir or add --download")
+    find = lambda: next((r for r in (os.path.join(data_dir, folder), data_dir)   # --data-dir or the folder itself
+                         if all(os.path.isfile(os.path.join(r, f)) for f in train_files + test_files)), None)
+    root, failed = find(), [None]
+    if root is None and rank == 0:
+        try:
+            import torchvision   # only to fetch and check the archive; the files are then read like any copy
+            getattr(torchvision.datasets, dataset.upper())(data_dir, download=True)
+        except Exception as e:   # no network, a full disk, a failed checksum
+            failed[0] = f"{type(e).__name__}: {(str(e).strip() or '?').splitlines()[0][:150]}"
+    if dist.is_initialized():   # every rank waits for rank 0's download (or its failure)
+        dist.broadcast_object_list(failed, src=0)
+    root = root or find()
+    if root is None:
+        raise UserError(f"{dataset} is not in --data-dir {data_dir} and could not be downloaded ({failed[0]}); put the "
+                        f"extracted 'python version' of https://www.cs.toronto.edu/~kriz/cifar.html there as "
+                        f"{os.path.join(data_dir, folder)}/, e.g. fetched where there is network with python -c "
+                        f"\"import torchvision; torchvision.datasets.{dataset.upper()}('{data_dir}', download=True)\"")
 
     def read(files):
         xs, ys = [], []
@@ -612,10 +624,10 @@ def read_cifar(data_dir, dataset):
                 y = np.asarray(entry[label_key], dtype=np.int64)
             except Exception as e:
                 raise UserError(f"{path} is not a CIFAR python-pickle file with 'data' (N x 3072 uint8) and "
-                                f"'{label_key}' ({type(e).__name__}: {e}); download it again with --download") from None
+                                f"'{label_key}' ({type(e).__name__}: {e}); delete it to download it again") from None
             if len(x) != len(y) or len(y) == 0 or y.min() < 0 or y.max() >= classes:
                 raise UserError(f"{path} holds {len(x)} images and {len(y)} labels in [0, {classes}) expected; "
-                                "download it again with --download")
+                                "delete it to download it again")
             xs.append(x)
             ys.append(y)
         return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
@@ -638,14 +650,20 @@ def make_synthetic(classes=10, train=2048, test=1000, seed=1234):
     return (*draw(train), *draw(test), classes)
 
 
-def augment(x, recipe, gen):
+def augment(x, recipe, gen, mean=MEAN_STD["default"][0]):
     """(B, 3, H, W) uint8 -> float in [0, 255], one random affine resampling per image (crop + flip in one step).
 
     paper:   random-resized-crop (area 8-100%, aspect 3/4-4/3, torchvision's 10 tries then the whole image), bilinear.
     classic: pad-4 random crop (zero padding) by integer shifts, nearest sampling, so pixels are copied exactly.
+    v1:      paper's crop + flip rounded to uint8, then timm's AutoAugment "original-mstd0.5" per image, filled with
+             the mean colour and translated up to 45% of the size, as timm's create_transform sets them (mixup follows).
     """
     B, _, H, W = x.shape
     dev = x.device
+    if recipe == "v1":
+        crops = augment(x, "paper", gen).round().to(torch.uint8)
+        return auto_augment(crops, gen, magnitude_std=0.5, fill=tuple(min(255, round(255 * m)) for m in mean),
+                            translate_const=int(0.45 * min(H, W))).float()
     rand = lambda *shape: torch.rand(*shape, generator=gen, device=dev)
     flip = torch.where(rand(B) < 0.5, -1.0, 1.0)
     if recipe == "paper":
@@ -671,6 +689,17 @@ def augment(x, recipe, gen):
     return F.grid_sample(x.float(), grid, mode=mode, padding_mode=padding, align_corners=False)
 
 
+def mixup(x, labels, classes, gen, alpha=0.1):
+    """timm's batch mixup as cifar_v1.yaml sets it (FastCollateMixup, mode "batch", α 0.1, no cutmix, smoothing 0):
+    one λ ~ Beta(α, α) per batch (two gamma draws on the device), image i mixed with image B-1-i and rounded to
+    uint8 levels. (B, 3, H, W) float in [0, 255], (B,) -> mixed images, soft targets (B, classes)."""
+    gamma = torch._standard_gamma(torch.full((2,), alpha, dtype=torch.float64, device=x.device), generator=gen)
+    lam = gamma[0] / gamma.sum()
+    mixed = (x * lam.float() + x.flip(0) * (1 - lam).float()).round()
+    onehot = F.one_hot(labels, classes).float()
+    return mixed, onehot * lam.float() + onehot.flip(0) * (1 - lam).float()
+
+
 def load_data(args, rank, world_size, device):
     """(train_x, train_y, test_x, test_y, classes, normalize), all on the device: x uint8 (N, 3, 32, 32), the test
     images already resized/cropped for evaluation; normalize maps pixels in [0, 255] to the network's input.
@@ -682,24 +711,14 @@ def load_data(args, rank, world_size, device):
         train_y, classes = torch.randint(0, 100, (n,), generator=gen), 100
         test_x, test_y = train_x[:1], train_y[:1]
     elif args.dataset in CIFAR_FILES:
-        if args.download:
-            if rank == 0:   # torchvision only to fetch the files; they are then read like any other copy
-                import torchvision
-                try:
-                    getattr(torchvision.datasets, args.dataset.upper())(args.data_dir, download=True)
-                except Exception as e:   # no network, a full disk, a failed checksum
-                    raise UserError(f"--download could not fetch {args.dataset} into --data-dir {args.data_dir} "
-                                    f"({type(e).__name__}: {e}); fetch it by hand and drop --download") from None
-            if dist.is_initialized():
-                dist.barrier()
-        train_x, train_y, test_x, test_y, classes = read_cifar(args.data_dir, args.dataset)
+        train_x, train_y, test_x, test_y, classes = read_cifar(args.data_dir, args.dataset, rank)
     else:
         train_x, train_y, test_x, test_y, classes = make_synthetic()
     if args.train_subset:
         train_x, train_y = train_x[:args.train_subset], train_y[:args.train_subset]
     if args.test_subset:
         test_x, test_y = test_x[:args.test_subset], test_y[:args.test_subset]
-    if args.augment == "paper":   # evaluation: resize to 36, centre-crop 32 (rounded back to uint8, as PIL would)
+    if args.augment != "classic":   # evaluation: resize to 36, centre-crop 32 (rounded back to uint8, as PIL would)
         big = F.interpolate(test_x.float(), size=36, mode="bilinear", align_corners=False, antialias=True)
         test_x = big.round().clamp(0, 255).to(torch.uint8)[:, :, 2:34, 2:34].contiguous()
     mean, std = (torch.tensor(v, device=device).view(1, 3, 1, 1) * 255
@@ -782,7 +801,8 @@ def loss_terms(args, epoch, student_out, teacher_out, labels):
     elif args.loss == "adaptconf":   # Eq. 2: per-sample β = confidence weight, detached
         terms["adaptconf"] = args.kd_weight * adaptconf_loss(logits, t_logits, tau=args.tau, T=args.kd_T)
     elif args.loss == "dkd":
-        terms["dkd"] = ramp(args.dkd_warmup) * dkd_loss(logits, t_logits, labels, args.dkd_alpha, args.dkd_beta,
+        target = labels if labels.ndim == 1 else labels.argmax(1)   # mixup: the larger share, as the official DKD
+        terms["dkd"] = ramp(args.dkd_warmup) * dkd_loss(logits, t_logits, target, args.dkd_alpha, args.dkd_beta,
                                                         args.dkd_T)
     elif args.loss == "rkd":   # relations between the pooled embeddings of the batch
         terms["rkd"] = rkd_loss(feats[-1], t_feats[-1])   # weights 25, 50
@@ -811,7 +831,7 @@ def lr_at(args, step, steps_per_epoch, global_batch):
     return final + 0.5 * (peak - final) * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def train_one_epoch(args, epoch, model, teacher, optimizer, train_x, train_y, normalize, rank, world_size,
+def train_one_epoch(args, epoch, model, teacher, optimizer, train_x, train_y, classes, normalize, rank, world_size,
                     max_steps=None):
     """One pass over this process's disjoint shard; returns {"loss", "loss_<term>": epoch mean over all processes}.
     Nothing is read back from the device inside the loop: the terms are summed there and read once at the end."""
@@ -820,13 +840,17 @@ def train_one_epoch(args, epoch, model, teacher, optimizer, train_x, train_y, no
     shard = order[:steps * args.batch_size * world_size][rank::world_size].to(train_x.device)
     gen = seeded("augment", args.seed, rank, epoch, device=train_x.device)   # re-seeded per epoch: exact --resume
     use_amp = args.amp and train_x.device.type == "cuda"
+    mean = MEAN_STD.get(args.dataset, MEAN_STD["default"])[0]   # AutoAugment's fill colour
     model.train()
     sums, run_steps = {}, min(steps, max_steps or steps)
     progress = Progress(rank, run_steps, args.batch_size * world_size,
                         1 if max_steps else min(args.epochs, args.stop_after or args.epochs) - epoch)
     for step in range(run_steps):
         idx = shard[step * args.batch_size:(step + 1) * args.batch_size]
-        x, labels = normalize(augment(train_x[idx], args.augment, gen)), train_y[idx]
+        x, labels = augment(train_x[idx], args.augment, gen, mean), train_y[idx]
+        if args.augment == "v1":   # soft targets for the ground-truth term; the teacher sees the mixed image too
+            x, labels = mixup(x, labels, classes, gen)
+        x = normalize(x)
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=use_amp):
             teacher_out = None
             if teacher is not None:
@@ -870,8 +894,84 @@ def evaluate(args, raw_model, test_x, test_y, normalize, rank, world_size, teach
     return {**result, **beta_summary(all_reduce_sum(betas), "beta")} if teacher is not None else result
 
 
+# The paper's CIFAR-100 top-1 (mean of 3 runs) per (teacher, student): teacher, student from scratch, then with labels
+# (Table 1; Table 2a where a "|" follows) LOSSES in order; after "|" without labels (Table 2b, --gt-weight 0) LOSSES_2B.
+# A student's first pair names its default teacher.
+LOSSES, LOSSES_2B = "kd fitnet rkd reviewkd dkd augconf adaptconf".split(), "kd fitnet rkd augconf adaptconf".split()
+PAPER = {
+    "resnet20 resnet56": "68.93 72.94 73.81 70.51 72.98 70.15 73.90 73.86 74.17",
+    "resnet32 resnet110": "71.72 74.80 76.45 73.15 75.62 72.30 76.57 76.72 76.86",
+    "resnet8x4 resnet32x4": "72.41 79.90 79.32 77.65 80.10 77.22 79.52 80.34 80.64",
+    "wrn_16_2 wrn_40_2": "72.71 77.20 78.25 76.71 77.27 75.86 78.18 78.34 78.58",
+    "wrn_40_1 wrn_40_2": "72.30 77.20 77.97 76.12 77.76 75.78 77.95 78.15 78.40",
+    "vgg8 vgg13": "71.99 75.26 76.41 76.39 76.20 74.22 76.62 76.55 76.84",
+    "ShuffleV1 resnet32x4": "72.40 79.90 80.19 77.61 80.30 78.43 80.55 80.62 80.99 | 77.92 75.74 76.59 78.25 78.48",
+    "ShuffleV1 wrn_40_2": "72.40 77.20 78.02 75.15 77.23 75.98 78.10 77.92 78.55 | 76.45 74.03 75.70 76.37 76.66",
+    "MobileNetV2 vgg13": "66.85 75.26 75.39 72.36 76.21 73.69 75.81 76.43 76.58 | 72.13 70.57 70.28 72.51 72.93",
+    "MobileNetV2 ResNet50": "66.85 80.43 78.64 75.92 79.89 77.05 79.65 80.75 80.98 | 73.32 71.45 72.06 74.48 74.67",
+    "ShuffleV2 resnet32x4": "74.44 79.90 80.31 78.05 80.39 77.84 80.67 80.84 81.06 | 78.27 76.42 77.84 78.81 79.04",
+}
+
+
+def paper_top1(args, model, loss):
+    """(top-1, table) the paper reports for `model` trained with `loss` (from args.teacher, with or without labels)
+    on CIFAR-100, or (None, None); a ce run gets its "Teacher" or "Student" row. Figure 2's α and τ get none."""
+    if args.dataset != "cifar100" or {"augconf": args.alpha_max, "adaptconf": args.tau}.get(loss, 0.5) != 0.5:
+        return None, None
+    for pair, row in PAPER.items():
+        (t, s), (labelled, _, unlabelled) = pair.split(), (part.split() for part in row.partition(" | "))
+        table = "Table 2a" if unlabelled else "Table 1"
+        if loss == "ce" and model in (t, s):
+            return float(labelled[model == s]), table
+        if loss != "ce" and (t, s) == (args.teacher, model) and args.gt_weight > 0:
+            return float(labelled[2 + LOSSES.index(loss)]), table
+        if loss in LOSSES_2B and (t, s) == (args.teacher, model) and unlabelled:
+            return float(unlabelled[LOSSES_2B.index(loss)]), "Table 2b"
+    return None, None
+
+
+RECIPE = ["dataset", "augment", "train_subset", "test_subset", "epochs", "batch_size", "lr", "min_lr", "warmup_epochs",
+          "weight_decay", "amp"]   # what a trained teacher shares with its student
+
+
+def train_teacher(args, rank):
+    """No --teacher-ckpt: the --loss ce run of --teacher with the student's RECIPE and --teacher-seed in
+    --teacher-cache, reused when finished, else trained (or resumed) there first by all processes together, in this
+    process group. Rank 0 decides, so every rank agrees; returns the checkpoint every rank then loads."""
+    t_args = parse_args(["--model", args.teacher, "--loss", "ce", "--seed", str(args.teacher_seed), "--data-dir",
+                         args.data_dir, "--out", args.teacher_cache, "--resume"])
+    for k in RECIPE:
+        setattr(t_args, k, getattr(args, k))
+    state, path = ["train"], lambda name: os.path.join(args.teacher_cache, name)
+    if rank == 0 and os.path.isfile(path("checkpoint.pt")):   # its arguments, finished or not, must be t_args
+        done = json.load(open(path("results.json"))) if os.path.isfile(path("results.json")) else None
+        saved = done or read_checkpoint(path("checkpoint.pt"), "--teacher-cache")
+        saved = saved.get("args", {}) if isinstance(saved, dict) else {}   # none: not ours, open_run says so below
+        differ = [f"--{k.replace('_', '-')} ({saved.get(k)} there, {v} now)" for k, v in vars(t_args).items()
+                  if saved and k not in FREE - {"epochs"} and saved.get(k) != v]
+        state = [f"--teacher-cache {args.teacher_cache} holds a teacher trained with other {', '.join(differ)}; pass "
+                 "another --teacher-cache, or --teacher-ckpt" if differ else
+                 "reuse" if done and done["epochs_done"] >= t_args.epochs else "train"]
+    if dist.is_initialized():
+        dist.broadcast_object_list(state, src=0)
+    if state[0] not in ("train", "reuse"):
+        raise UserError(state[0])
+    if rank == 0:
+        print(f"{args.model} <- {args.teacher} ({args.loss}), no --teacher-ckpt: " + (
+            "the teacher is the finished run in " if state[0] == "reuse" else
+            f"training the teacher first (--loss ce, --seed {args.teacher_seed}) in ") + args.teacher_cache, flush=True)
+    if state[0] == "train":
+        main(t_args)   # in this process group, which it leaves open
+        if dist.is_initialized():
+            dist.barrier()   # rank 0 has written its checkpoint and results.json
+    return os.path.join(args.teacher_cache, "checkpoint.pt")
+
+
 def main(args):
-    rank, world_size, device = setup_distributed()
+    nested = dist.is_initialized()   # the teacher's run from train_teacher: it uses the caller's process group
+    rank, world_size, device = (dist.get_rank(), dist.get_world_size(), torch.device(
+        "cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")) if nested \
+        else setup_distributed()
     try:
         torch.backends.cudnn.benchmark = True   # fixed 32x32 shapes: let cuDNN pick its fastest kernels
         memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
@@ -887,6 +987,9 @@ def main(args):
                                 "replace it, or another --out")
             if rank == 0:
                 make_out(args.out)
+        teacher_ckpt = args.teacher_ckpt
+        if args.loss != "ce" and not (teacher_ckpt or args.eval_only or args.benchmark):
+            teacher_ckpt = train_teacher(args, rank)
         train_x, train_y, test_x, test_y, classes, normalize = load_data(args, rank, world_size, device)
         if args.eval_only:
             net = build_model(args.model, classes).to(device, memory_format=memory_format)
@@ -902,9 +1005,8 @@ def main(args):
         teacher = None
         if args.loss != "ce":   # frozen; loaded first, so that a wrong checkpoint fails before any training
             teacher = build_model(args.teacher, classes).eval().requires_grad_(False)
-            if args.teacher_ckpt:   # only --benchmark runs without one (random weights)
-                load_weights(teacher, load_state_dict(args.teacher_ckpt, "--teacher-ckpt"),
-                             f"--teacher-ckpt {args.teacher_ckpt}")
+            if teacher_ckpt:   # only --benchmark runs without one (random weights)
+                load_weights(teacher, load_state_dict(teacher_ckpt, "--teacher-ckpt"), f"--teacher-ckpt {teacher_ckpt}")
         torch.manual_seed(args.seed)   # the same student initialisation whatever the loss and teacher
         net = build_model(args.model, classes)
         heads = build_heads(args, net, teacher)
@@ -923,7 +1025,8 @@ def main(args):
             raise UserError(f"{len(train_x)} training images cannot fill one batch of {args.batch_size} on each of "
                             f"{world_size} processes; lower --batch-size or raise --train-subset")
         epoch_train = lambda epoch, max_steps=None: train_one_epoch(args, epoch, model, teacher, optimizer, train_x,
-                                                                     train_y, normalize, rank, world_size, max_steps)
+                                                                     train_y, classes, normalize, rank, world_size,
+                                                                     max_steps)
 
         if args.benchmark:   # the training loop itself on random images: 5 warm-up steps, then STEPS timed
             epoch_train(0, 5)
@@ -976,18 +1079,28 @@ def main(args):
                                  "best": best, "seconds": seconds}, os.path.join(args.out, "checkpoint.pt"))
 
         metrics = metrics or evaluate(args, net, test_x, test_y, normalize, rank, world_size)   # resumed a finished run
+        paper, table = paper_top1(args, args.model, args.loss)
         results = {"top1": metrics["top1"], "top5": metrics["top5"], "best_top1": best["top1"],
                    "best_top5": best["top5"], "best_epoch": best["epoch"], "teacher_top1": teacher_top1,
+                   "paper_top1": paper, "paper_table": table,
+                   "teacher_paper_top1": paper_top1(args, args.teacher, "ce")[0] if teacher else None,
                    "images": metrics["images"], "epochs_done": max(stop, start_epoch), "seconds": seconds,
                    **run_info(world_size, device), "args": vars(args)}
-        if rank == 0:
-            print(f"done: top1 {results['top1']:.2f} (best {results['best_top1']:.2f} at epoch {best['epoch']}), "
-                  f"{seconds:.0f} s", flush=True)
+        if rank == 0:   # the end table
+            number = lambda v: f"{v:7.2f}" if v is not None else "      -"
+            print(f"{f'done in {seconds:.0f} s':34s}  final   best  paper" + (f"  ({table}: mean of 3 runs; the "
+                  "official code keeps the best epoch)" if table else ""), flush=True)
+            if teacher:
+                print(f"{'teacher ' + args.teacher:34s}{teacher_top1:7.2f}{'':7s}"
+                      f"{number(results['teacher_paper_top1'])}")
+            print(f"{f'student {args.model} ({args.loss})':34s}{results['top1']:7.2f}{best['top1']:7.2f}"
+                  f"{number(paper)}  (best at epoch {best['epoch']})", flush=True)
             if args.out:
                 write_text(json.dumps(results, indent=2), f"{args.out}/results.json")
         return results
     finally:
-        cleanup_distributed()
+        if not nested:
+            cleanup_distributed()
 
 
 def parse_args(argv=None):
@@ -995,18 +1108,26 @@ def parse_args(argv=None):
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default="cifar100", choices=["cifar100", "cifar10", "synthetic"],
                    help="python-pickle CIFAR, or a small learnable set generated in memory (no files)")
-    g.add_argument("--data-dir", default="./data", help="folder holding cifar-100-python/ or cifar-10-batches-py/")
-    g.add_argument("--download", action="store_true", help="fetch CIFAR into --data-dir with torchvision first")
-    g.add_argument("--augment", default="paper", choices=["paper", "classic"],
-                   help="paper: random-resized-crop + flip, eval resize 36/crop 32; classic (mdistiller): pad-4 "
-                        "crop + flip, raw eval")
+    g.add_argument("--data-dir", default="./data",
+                   help="folder holding cifar-100-python/ or cifar-10-batches-py/ (downloaded there when missing)")
+    g.add_argument("--augment", default="paper", choices=["paper", "classic", "v1"],
+                   help="paper (official cifar_v0.yaml): random-resized-crop + flip, eval resize 36/crop 32; v1 "
+                        "(cifar_v1.yaml): the same + AutoAugment + mixup 0.1; classic (mdistiller): pad-4 crop + "
+                        "flip, raw eval")
     g.add_argument("--train-subset", type=int, default=0, help="use only the first N training images (0 = all)")
     g.add_argument("--test-subset", type=int, default=0, help="use only the first N test images (0 = all)")
     g = p.add_argument_group("models")
-    g.add_argument("--model", default="resnet32x4", choices=list(MODELS), help="the model trained (the student)")
-    g.add_argument("--teacher", default=None, choices=list(MODELS), help="the frozen (weak) teacher's architecture")
-    g.add_argument("--teacher-ckpt", default=None,
-                   help="teacher weights: ours, RepDistiller, mdistiller or official (random with --benchmark)")
+    g.add_argument("--model", default=None, choices=list(MODELS), help="the model trained (the student); default "
+                   "resnet32x4, distilled from ShuffleV1 when --teacher is not given either (Table 2a's first pair)")
+    g.add_argument("--teacher", default=None, choices=list(MODELS), help="the frozen (weak) teacher; default --model's "
+                   "in Table 1, else in Table 2a (resnet56 <- resnet20, resnet110 <- resnet32, resnet32x4 <- "
+                   "resnet8x4, wrn_40_2 <- wrn_16_2, vgg13 <- vgg8, ResNet50 <- MobileNetV2)")
+    g.add_argument("--teacher-ckpt", default=None, help="teacher weights: ours, RepDistiller, mdistiller or official; "
+                   "without: trained first (--loss ce, this recipe and data) in --teacher-cache, or reused from there "
+                   "when finished (random with --benchmark)")
+    g.add_argument("--teacher-seed", type=int, default=0, help="seed of that teacher (one for all student seeds)")
+    g.add_argument("--teacher-cache", default=None,
+                   help="the teacher's run folder; default runs/teachers/<dataset>_<teacher>_seed<teacher-seed>")
     g = p.add_argument_group("loss")
     g.add_argument("--loss", default="ce",
                    choices=["ce", "kd", "fitnet", "rkd", "reviewkd", "dkd", "augconf", "adaptconf"],
@@ -1058,9 +1179,14 @@ def parse_args(argv=None):
     if args.loss == "dkd" and args.gt_weight <= 0:
         p.error("DKD splits the teacher's distribution at the label's class, so it needs labels; use --gt-weight > 0 "
                 "or another loss for teacher-only training")
-    if args.loss != "ce" and not args.eval_only and not (args.teacher and (args.teacher_ckpt or args.benchmark)):
-        p.error(f"--loss {args.loss} distils from a teacher: pass --teacher NAME and --teacher-ckpt PATH (train the "
-                "teacher first with --loss ce)")
+    if args.loss != "ce" and not args.eval_only:   # the default pair, and where its teacher is trained
+        firsts = {pair.split()[1]: pair.split()[0] for pair in reversed(PAPER)}   # a student's first pair
+        args.teacher = args.teacher or (firsts.get(args.model) if args.model else "ShuffleV1")
+        if not args.teacher:
+            p.error(f"--model {args.model} has no teacher in the paper's tables; pass --teacher NAME")
+        if not (args.teacher_ckpt or args.benchmark or args.teacher_cache):
+            args.teacher_cache = f"runs/teachers/{args.dataset}_{args.teacher}_seed{args.teacher_seed}"
+    args.model = args.model or "resnet32x4"
     return args
 
 

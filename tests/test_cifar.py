@@ -5,6 +5,8 @@ import json
 import math
 import os
 import pickle
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -12,7 +14,7 @@ import pytest
 import torch
 
 import cifar
-from conftest import run_torchrun, syncs_per_step
+from conftest import ROOT, run_torchrun, syncs_per_step
 
 # RepDistiller's models with 100 classes (counted from its model files)
 PARAMS = {"resnet8": 83892, "resnet14": 181108, "resnet20": 278324, "resnet32": 472756, "resnet44": 667188,
@@ -352,9 +354,22 @@ def test_lr_schedule_warms_up_per_step_then_cosine_and_scales_with_the_global_ba
     assert cifar.lr_at(args, 4 * steps, steps, 1024) == pytest.approx(final)
 
 
-def test_missing_or_malformed_data_dir(tmp_path):
-    with pytest.raises(cifar.UserError, match="cifar-100-python.*--download"):
-        run("--data-dir", tmp_path / "nowhere", "--model", "resnet8", "--epochs", "1", "--warmup-epochs", "0")
+def test_missing_data_is_downloaded_or_stops_with_one_line_saying_where_to_put_it(tmp_path):
+    """Offline (both proxies point at a closed port, so torchvision's attempt fails at once and nothing is fetched):
+    one line naming the folder to fill and the torchvision command, exit 1, no traceback."""
+    dead = "http://127.0.0.1:9"
+    env = dict(os.environ, https_proxy=dead, http_proxy=dead, HTTPS_PROXY=dead, HTTP_PROXY=dead, no_proxy="",
+               NO_PROXY="")
+    proc = subprocess.run([sys.executable, "cifar.py", "--data-dir", str(tmp_path), "--model", "resnet8", "--epochs",
+                           "1", "--warmup-epochs", "0"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and len(lines) == 1 and "Traceback" not in proc.stdout + proc.stderr, proc.stderr
+    assert f"cifar100 is not in --data-dir {tmp_path} and could not be downloaded" in lines[0]
+    assert f"{tmp_path}/cifar-100-python/" in lines[0] and "torchvision.datasets.CIFAR100(" in lines[0]
+    assert not os.path.exists(tmp_path / "cifar-100-python")
+
+
+def test_malformed_data_dir(tmp_path):
     broken = tmp_path / "cifar-100-python"
     broken.mkdir()
     for name in ("train", "test"):
@@ -377,8 +392,8 @@ def test_bad_teacher_checkpoint_names_the_tensor(tmp_path, teacher_ckpt):
         run(*TINY, "--model", "resnet8", "--loss", "kd", "--teacher", "resnet8", "--teacher-ckpt", wrong_classes)
     with pytest.raises(cifar.UserError, match="tensor 'conv1.weight' has shape"):   # resnet8 weights, resnet8x4
         run(*TINY, "--model", "resnet8", "--loss", "kd", "--teacher", "resnet8x4", "--teacher-ckpt", teacher_ckpt)
-    with pytest.raises(cifar.UserError, match="--teacher-ckpt"):   # parse_args stops before any data is read
-        run(*TINY, "--model", "resnet8", "--loss", "kd", "--teacher", "resnet8")
+    with pytest.raises(cifar.UserError, match="resnet8 has no teacher in the paper's tables; pass --teacher"):
+        run(*TINY, "--model", "resnet8", "--loss", "kd")   # parse_args stops before any data is read
 
 
 def test_nan_loss_stops_the_run_before_its_checkpoint(tmp_path):
@@ -409,10 +424,10 @@ def test_benchmark_runs(tmp_path, capsys):
 
 
 def test_training_steps_make_no_host_sync():
-    """No .item/.tolist/bool/nonzero/masked_select/boolean-mask indexing per training step (augmentation, teacher,
-    loss, optimizer), for every loss and both recipes: on the CPU nothing waits, so torch.cuda.set_sync_debug_mode
+    """No .item/.tolist/bool/nonzero/masked_select/boolean-mask indexing per training step (augmentation, mixup,
+    teacher, loss, optimizer), for every loss and every recipe: on the CPU nothing waits, so torch.cuda.set_sync_debug_mode
     would report nothing here, and counting the calls stands in for it (tests/test_gpu.py uses the mode on a GPU)."""
-    for loss, recipe in [("ce", "classic"), *((loss, "paper") for loss in LOSSES)]:
+    for loss, recipe in [("ce", "classic"), ("adaptconf", "v1"), ("dkd", "v1"), *((loss, "paper") for loss in LOSSES)]:
         teacher = [] if loss == "ce" else ["--teacher", "resnet8"]
         argv = ["--model", "resnet8", *teacher, "--loss", loss, "--augment", recipe, "--batch-size", "8"]
         assert syncs_per_step(lambda steps: run(*argv, "--benchmark", steps)) == {}, loss
@@ -450,3 +465,135 @@ def test_real_cifar100_weak_teacher_then_stronger_student(tmp_path, cifar100_dir
     assert teacher["images"] == student["images"] == 1001
     assert teacher["top1"] > 4.0 and student["top1"] > 4.0, (teacher["top1"], student["top1"])
     assert student["teacher_top1"] == pytest.approx(teacher["top1"])
+
+
+def test_default_pairs_and_the_paper_numbers():
+    """Without --teacher: Table 1's teacher of --model, else Table 2a's; ShuffleV1 -> resnet32x4 with neither flag.
+    The teacher's cache folder is named after the data set, the teacher and its seed; the paper's number is looked up
+    for the pair, the loss and labels or none (Table 2b)."""
+    expected = {"resnet56": "resnet20", "resnet110": "resnet32", "resnet32x4": "resnet8x4", "wrn_40_2": "wrn_16_2",
+                "vgg13": "vgg8", "ResNet50": "MobileNetV2"}
+    for student, teacher in expected.items():
+        args = cifar.parse_args(["--model", student, "--loss", "adaptconf"])
+        assert (args.teacher, args.teacher_cache) == (teacher, f"runs/teachers/cifar100_{teacher}_seed0"), student
+    args = cifar.parse_args(["--loss", "kd", "--teacher-seed", "2", "--dataset", "cifar10"])
+    assert (args.model, args.teacher, args.teacher_cache) == ("resnet32x4", "ShuffleV1", "runs/teachers/cifar10_"
+                                                                                         "ShuffleV1_seed2")
+    assert cifar.parse_args(["--loss", "kd", "--teacher-ckpt", "t.pt"]).teacher_cache is None
+    assert cifar.parse_args(["--model", "resnet56"]).teacher is None   # --loss ce: no teacher
+    paper = lambda *argv: cifar.paper_top1(cifar.parse_args(list(argv[2:])), argv[0], argv[1])
+    assert paper("resnet32x4", "adaptconf", "--loss", "adaptconf") == (80.99, "Table 2a")
+    assert paper("resnet32x4", "adaptconf", "--loss", "adaptconf", "--gt-weight", "0") == (78.48, "Table 2b")
+    assert paper("resnet32x4", "dkd", "--loss", "dkd", "--teacher", "resnet8x4") == (79.52, "Table 1")
+    assert paper("vgg13", "fitnet", "--loss", "fitnet", "--teacher", "MobileNetV2", "--gt-weight", "0") == (
+        70.57, "Table 2b")
+    assert paper("ShuffleV1", "ce", "--loss", "kd") == (72.40, "Table 2a")   # the teacher's row
+    assert paper("resnet56", "ce") == (72.94, "Table 1")                      # the student's row
+    assert paper("resnet32x4", "adaptconf", "--loss", "adaptconf", "--tau", "2") == (None, None)   # Figure 2
+    assert paper("resnet8", "ce") == paper("resnet56", "ce", "--dataset", "cifar10") == (None, None)
+
+
+def test_mixup_draws_lambda_from_beta_0_1_on_the_device_generator():
+    """λ of cifar_v1.yaml's mixup (α 0.1): Beta(0.1, 0.1) has mean 1/2 and variance 1/4.8 (uniform: 1/12); it is the
+    first image's share of its soft target, and the same generator state gives the same λ."""
+    gen, x, y = torch.Generator().manual_seed(0), torch.zeros(2, 3, 1, 1), torch.tensor([0, 1])
+    lams = torch.tensor([cifar.mixup(x, y, 2, gen)[1][0, 0].item() for _ in range(4000)], dtype=torch.float64)
+    assert abs(lams.mean() - 0.5) < 0.03 and abs(lams.var() - 1 / 4.8) < 0.02, (lams.mean(), lams.var())
+    assert 0 <= lams.min() and lams.max() <= 1
+
+
+def test_v1_teacher_sees_the_students_augmented_mixed_images_and_the_targets_are_mixed(tmp_path):
+    """One training step of --augment v1: the teacher's input is exactly the student's, and both equal the batched
+    AutoAugment output (same generator draws; the policy itself is tested against PIL in tests/test_common.py) mixed
+    per image as timm's FastCollateMixup does (image i with B-1-i, float32, rounded), normalised; the ground-truth
+    term is the soft-target cross-entropy with λ·onehot(y_i) + (1-λ)·onehot(y_{B-1-i}), from a slow per-image loop."""
+    B = 8
+    args = cifar.parse_args(["--dataset", "synthetic", "--model", "resnet8", "--teacher", "resnet8", "--loss", "kd",
+                             "--augment", "v1", "--batch-size", str(B), "--epochs", "1", "--warmup-epochs", "0"])
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randint(0, 256, (2 * B, 3, 32, 32), dtype=torch.uint8, generator=gen)
+    y = torch.randint(0, 10, (2 * B,), generator=gen)
+    torch.manual_seed(0)
+    net, teacher = cifar.build_model("resnet8", 10), cifar.build_model("resnet8", 10).eval().requires_grad_(False)
+    seen = {}
+
+    def keep(name, value):   # the first call of each hook; returning None, the hooks change nothing
+        seen.setdefault(name, value)
+    net.register_forward_pre_hook(lambda m, inputs: keep("student", inputs[0].clone()))
+    net.register_forward_hook(lambda m, inputs, out: keep("logits", out[0].detach().double()))
+    teacher.register_forward_pre_hook(lambda m, inputs: keep("teacher", inputs[0].clone()))
+    model = cifar.Student(net)
+    normalize = lambda v: (v - 120.0) / 60.0
+    means = cifar.train_one_epoch(args, 0, model, teacher, torch.optim.SGD(model.parameters(), lr=0.1), x, y, 10,
+                                  normalize, 0, 1, max_steps=1)
+    # the same draws, replayed: the step's batch, the crop + AutoAugment, then λ from the two gamma draws
+    idx = torch.randperm(2 * B, generator=cifar.seeded("shuffle", 0, 0))[:B]
+    replay = cifar.seeded("augment", 0, 0, 0)
+    augmented = cifar.augment(x[idx], "v1", replay, cifar.MEAN_STD["default"][0])
+    gamma = torch._standard_gamma(torch.full((2,), 0.1, dtype=torch.float64), generator=replay)
+    lam = float(gamma[0] / gamma.sum())
+    images, targets = [], []
+    for i in range(B):   # timm's FastCollateMixup, per image
+        a, b = augmented[i].numpy().astype(np.float32), augmented[B - 1 - i].numpy().astype(np.float32)
+        images.append(torch.from_numpy(np.rint(a * np.float32(lam) + b * np.float32(1 - lam))))
+        targets.append([lam * (c == y[idx[i]]) + (1 - lam) * (c == y[idx[B - 1 - i]]) for c in range(10)])
+    reference = normalize(torch.stack(images))
+    assert torch.equal(seen["student"], seen["teacher"]) and torch.equal(seen["student"], reference)
+    logp = torch.log_softmax(seen["logits"], 1)
+    gt = -sum(sum(t * logp[i, c] for c, t in enumerate(row)) for i, row in enumerate(targets)) / B
+    assert means["loss_gt"] == pytest.approx(float(gt), rel=1e-5)
+    assert not torch.equal(augmented, cifar.augment(x[idx], "paper", cifar.seeded("augment", 0, 0, 0)).round())
+
+
+def test_bare_command_trains_caches_reuses_and_resumes_the_teacher(tmp_path, cifar100_dir, monkeypatch, capsys):
+    """`cifar.py --model resnet56 --loss adaptconf` with no teacher flags, on a real CIFAR-100 subset: the default
+    teacher resnet20 is trained first with --loss ce in runs/teachers/cifar100_resnet20_seed0 (here: one killed after
+    its first epoch, which is resumed, not restarted), then the student distils from it; a second student run reuses
+    the finished teacher without training it again; a run with another recipe is refused, not mixed."""
+    monkeypatch.chdir(tmp_path)
+    common = ["--data-dir", cifar100_dir, "--train-subset", "32", "--test-subset", "20", "--batch-size", "16",
+              "--epochs", "2", "--warmup-epochs", "0"]
+    cache = tmp_path / "runs" / "teachers" / "cifar100_resnet20_seed0"
+    run(*common, "--model", "resnet20", "--loss", "ce", "--stop-after", "1", "--out", cache)
+    os.remove(cache / "results.json")   # as if killed during its second epoch
+    capsys.readouterr()
+    first = run(*common, "--model", "resnet56", "--loss", "adaptconf", "--out", "student0")
+    out = capsys.readouterr().out
+    assert "resnet56 <- resnet20 (adaptconf), no --teacher-ckpt: training the teacher first" in out
+    assert "resuming runs/teachers/cifar100_resnet20_seed0 after epoch 1" in out
+    assert [r["epoch"] for r in read_log(cache)] == [0, 1]
+    with open(cache / "results.json") as f:
+        trained = json.load(f)
+    assert trained["epochs_done"] == 2 and (trained["paper_top1"], trained["paper_table"]) == (68.93, "Table 1")
+    assert first["teacher_top1"] == pytest.approx(trained["top1"])
+    assert (first["paper_top1"], first["paper_table"], first["teacher_paper_top1"]) == (74.17, "Table 1", 68.93)
+    assert "teacher resnet20" in out and "student resnet56 (adaptconf)" in out and "74.17" in out
+    log, stamp = (cache / "log.jsonl").read_bytes(), os.path.getmtime(cache / "checkpoint.pt")
+    second = run(*common, "--model", "resnet56", "--loss", "adaptconf", "--seed", "1", "--out", "student1")
+    assert "the teacher is the finished run in runs/teachers/cifar100_resnet20_seed0" in capsys.readouterr().out
+    assert (cache / "log.jsonl").read_bytes() == log and os.path.getmtime(cache / "checkpoint.pt") == stamp
+    assert second["teacher_top1"] == first["teacher_top1"]
+    with open(tmp_path / "student1" / "results.json") as f:
+        assert json.load(f)["best_top1"] == second["best_top1"] >= second["top1"]
+    with pytest.raises(cifar.UserError, match=r"holds a teacher trained with other --epochs \(2 there, 3 now\)"):
+        run(*[*common[:-4], "--epochs", "3", "--warmup-epochs", "0"], "--model", "resnet56", "--loss", "kd")
+
+
+def test_bare_command_under_torchrun_trains_one_teacher_all_ranks_use(tmp_path, cifar100_dir):
+    """The same bare command on two processes: they train the teacher together (its run records 2 processes), then
+    both distil from the one checkpoint: the teacher accuracy summed over both ranks equals a single-process
+    evaluation of the cached checkpoint, which a later single-process run reuses without training."""
+    common = ["--data-dir", cifar100_dir, "--model", "resnet56", "--loss", "adaptconf", "--train-subset", "32",
+              "--test-subset", "21", "--batch-size", "16", "--epochs", "1", "--warmup-epochs", "0",
+              "--teacher-cache", tmp_path / "teacher"]
+    proc = run_torchrun("cifar.py", [*common, "--out", tmp_path / "student"])
+    assert "training the teacher first" in proc.stdout and "global batch 32" in proc.stdout
+    with open(tmp_path / "teacher" / "results.json") as f:
+        teacher = json.load(f)
+    with open(tmp_path / "student" / "results.json") as f:
+        student = json.load(f)
+    assert teacher["world_size"] == student["world_size"] == 2 and teacher["args"]["model"] == "resnet20"
+    log = (tmp_path / "teacher" / "log.jsonl").read_bytes()
+    again = run(*common, "--out", tmp_path / "again")
+    assert (tmp_path / "teacher" / "log.jsonl").read_bytes() == log
+    assert again["teacher_top1"] == pytest.approx(student["teacher_top1"]) == pytest.approx(teacher["top1"])
