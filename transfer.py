@@ -10,12 +10,12 @@ ce (student baseline), kd, fitnet, rkd, dkd, augconf and adaptconf (Eq. 2), with
 
 Paper, Table 3 (top-1, Teacher + GT / Teacher only): ImageNet, ResNet50 teacher 80.36: ce 83.53, kd 83.62/82.32,
 adaptconf 83.86/82.51; iNaturalist 2018, ResNet101 teacher 67.42: ce 75.28, kd 75.60/71.57, adaptconf 76.03/71.99.
-Augmentation as the official timm pipeline: random-resized crop (bilinear or bicubic) and flip in the workers, then
-batched on the device in its prefetcher's order: RandAugment rand-m9-mstd0.5-inc1 (common.rand_augment, ~50 ms an image
-on a CPU), mixup 0.8 / cutmix 1.0, random erasing 0.25 (pixel). Evaluation: bicubic resize 248, centre crop 224.
+Augmentation in timm's order: random-resized crop (bilinear or bicubic) and flip in the workers, then batched on the
+device RandAugment rand-m9-mstd0.5-inc1, mixup 0.8 / cutmix 1.0, erasing 0.25 (pixel). Eval: bicubic 248, crop 224.
 Where we differ from the official code, or it shows nothing for a ViT student:
 - Normalisation: ImageNet mean/std for student and teacher (one shared tensor), not timm 0.6.12's (0.5, 0.5) config
-  of vit_base_patch16_224: the ResNet teachers and the MAE checkpoint were trained with ImageNet's.
+  of vit_base_patch16_224 (which the official teacher saw too): the teachers and MAE were trained with ImageNet's.
+- RandAugment's rotate/shear/translate are bilinear (timm draws bilinear or bicubic per op): one batched warp.
 - mixup/cutmix pair each image with its batch neighbour (timm: the mirrored batch) and mix float images (timm: uint8).
 - fitnet, rkd (no official version for a ViT): the last block's patch tokens (B, D, H/16, W/16) are regressed onto the
   teacher's layer4 map (common.FeatureRegressor), rkd uses pooled features; with --gt-weight 0 both add the KD term.
@@ -882,8 +882,8 @@ def parse_args(argv=None):
                    help="bf16 autocast on CUDA (CPU runs float32)")
     g = p.add_argument_group("teacher and loss")
     g.add_argument("--teacher", default="resnet50", choices=list(TEACHERS), help="torchvision ResNet teacher")
-    g.add_argument("--teacher-ckpt", default=None, help="teacher checkpoint (torchvision/timm ResNet keys); needed by "
-                                                        "every loss but ce, except under --benchmark")
+    g.add_argument("--teacher-ckpt", default=None, help="teacher checkpoint (torchvision/timm ResNet keys; on "
+                   "iNaturalist class k = category_id k); needed by every loss but ce, except under --benchmark")
     g.add_argument("--loss", default="adaptconf", choices=["ce", "kd", "fitnet", "rkd", "dkd", "augconf", "adaptconf"],
                    help="ce = student baseline without teacher")
     g.add_argument("--gt-weight", type=float, default=1.0, help="weight of the ground-truth CE; 0 = teacher only")

@@ -319,6 +319,7 @@ def test_training_augmentation_is_timms_with_randaugment_per_image_on_the_device
     assert [c.interpolation for c in crops] == [modes.BILINEAR, modes.BICUBIC]
     assert all(c.size == (32, 32) and c.scale == (0.08, 1.0) and c.ratio == pytest.approx((3 / 4, 4 / 3))
                for c in crops)
+    torch.manual_seed(0), random.seed(0)   # the crop's own draws: reproducible
     crop = train(Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 48, 3), dtype=np.uint8)))
     assert crop.shape == (3, 32, 32) and crop.dtype == torch.uint8
     images, labels = crop.expand(6, -1, -1, -1), torch.tensor([0, 1, 2] * 2)   # one crop six times
