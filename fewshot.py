@@ -10,13 +10,16 @@ learnable scale × cosine to the class-mean prototypes, Table 6). Every model is
       --teacher resnet12 --teacher-ckpt runs/cls_r12/checkpoint.pt --data-dir data/miniimagenet --out runs/meta_ac
   python fewshot.py --model resnet36 --eval-only CKPT --data-dir data/miniimagenet --out runs/eval
 
-Paper (5-way %, 3 trials): Table 5, ResNet-36 from scratch 60.91 (1-shot) / 79.01 (5-shot), AdaptConf from a
-ResNet-12 teacher 61.50 / 79.52; Table 6 (meta stage, 1-shot), 65.08 from scratch, AdaptConf from a class-stage
-ResNet-12 teacher 65.38. Where the official code (ggjy/vision_weak_to_strong, few_shot_leaerning/) leaves room:
-  - AdaptConf's β and AugConf's α ramp up as min(epoch / (0.25·epochs), 1), epochs 0-indexed (official: 1-indexed).
+Paper (5-way %, 3 trials): Table 5 (classifier stage, test split), ResNet-36 from scratch 60.91 (1-shot) / 79.01
+(5-shot), AdaptConf from a ResNet-12 teacher 61.50 / 79.52; Table 6 (meta stage, 1-shot, val split at the best epoch
+as the official train_meta.py), 65.08 from scratch, AdaptConf from a class-stage ResNet-12 65.38. Episodes are the
+official ones (np.random.seed(--episode-seed), then Meta-Baseline's sampler): 800 val per shot every epoch (meta
+stage: 800 test too, logged), 8,000 test at the end. Where the official code (few_shot_leaerning/) leaves room:
+  - Table 5 is read from the last epoch's 8,000 test episodes (train_classifier.py logs 800 every 5 epochs).
   - The meta-stage teacher is its encoder + a prototype classifier of scale 10 (the official code loads the encoder).
   - RKD acts on the pooled features of every image of a step (the batch, or all images of the episodes).
   - Evaluation embeds each image once (eval mode, float32), then scores the episodes on those features: same accuracies.
+  - Training episodes come from a generator seeded per (seed, rank, epoch) (official: np.random.seed(epoch)).
   - Images are resized to 80x80 as in Meta-Baseline (the paper says 84: --image-size 84).
 """
 import argparse
@@ -27,6 +30,7 @@ import math
 import os
 import pickle
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -303,8 +307,8 @@ class ResNet(nn.Module):
     """Four stages of widths w·(1, 2, 4, 8) (w = 64 in the paper), global average pool → (B, 8w) features.
 
     ResNet-12 keeps Meta-Baseline's module names (layerK is a Block, e.g. layer1.conv1.weight); deeper ResNets stack
-    blocks in nn.Sequential (layer1.0.conv1.weight) as the official code's ResNet-18/36 do, so their checkpoints load.
-    """
+    blocks in nn.Sequential (layer1.0.conv1.weight) as the official code's ResNet-18/36 do, so their checkpoints load
+    (its ResNet-12, `resnet12_bottle`, has layer1.0.*: read_weights renames them)."""
 
     def __init__(self, blocks_per_stage, width=64):
         super().__init__()
@@ -372,22 +376,23 @@ class MetaBaseline(nn.Module):
         return logits.reshape(-1, way), features
 
 
-def read_weights(path, flag):
-    """A checkpoint's state_dict in this script's names: ours, or Meta-Baseline's / the official code's
-    {"model_sd": ..., "config": ..., "training": ...} (classifier.linear.* → head.*, temp → scale), weights only."""
+def read_weights(path, flag, model):
+    """A checkpoint's state_dict in this script's names for the backbone `model`: ours, or Meta-Baseline's / the
+    official code's {"model_sd": ..., "config": ..., "training": ...} (classifier.linear.* → head.*, temp → scale),
+    weights only. A ResNet-12 may be the official `resnet12_bottle` (one block in an nn.Sequential: layerK.0.* →
+    layerK.*, the same network as Meta-Baseline's `resnet12`)."""
     raw = read_checkpoint(path, flag)
-    if not (isinstance(raw, dict) and isinstance(raw.get("model_sd"), dict)):
-        return load_state_dict(path, flag)                                 # ours, or a bare / {"state_dict"} one
+    official = isinstance(raw, dict) and isinstance(raw.get("model_sd"), dict)
     state = {}
-    for name, tensor in raw["model_sd"].items():
-        for old, new in (("classifier.linear.", "head."), ("temp", "scale")):
+    for name, tensor in (raw["model_sd"] if official else load_state_dict(path, flag)).items():
+        for old, new in (("classifier.linear.", "head."), ("temp", "scale")) if official else ():
             name = new + name[len(old):] if name.startswith(old) else name
-        state[name] = tensor
+        state[re.sub(r"\b(layer[1-4])\.0\.", r"\1.", name) if model == "resnet12" else name] = tensor
     return state
 
 
-def encoder_weights(path, flag):   # the encoder.* tensors of a checkpoint of either stage, without the prefix
-    encoder = {k[len("encoder."):]: v for k, v in read_weights(path, flag).items() if k.startswith("encoder.")}
+def encoder_weights(path, flag, model):   # the encoder.* tensors of a checkpoint of either stage, without the prefix
+    encoder = {k[len("encoder."):]: v for k, v in read_weights(path, flag, model).items() if k.startswith("encoder.")}
     if not encoder:
         raise UserError(f"{flag} {path} holds no 'encoder.*' tensors; pass a checkpoint of fewshot.py or Meta-Baseline "
                         "(either stage)")
@@ -401,14 +406,14 @@ def load_teacher(args, num_classes, device):
     encoder = MODELS[args.teacher](args.width)
     teacher = Classifier(encoder, num_classes) if args.stage == "classifier" else MetaBaseline(encoder)
     if args.teacher_ckpt and args.stage == "classifier":
-        state = read_weights(args.teacher_ckpt, "--teacher-ckpt")
+        state = read_weights(args.teacher_ckpt, "--teacher-ckpt", args.teacher)
         if "head.weight" not in state:
             raise UserError(f"--teacher-ckpt {args.teacher_ckpt} has no linear head; the classifier stage needs a "
                             "classifier-stage teacher")
         load_weights(teacher, {k: v for k, v in state.items() if k.startswith(("encoder.", "head."))},
                      f"--teacher-ckpt {args.teacher_ckpt}")
     elif args.teacher_ckpt:
-        load_weights(encoder, encoder_weights(args.teacher_ckpt, "--teacher-ckpt"),
+        load_weights(encoder, encoder_weights(args.teacher_ckpt, "--teacher-ckpt", args.teacher),
                      f"--teacher-ckpt {args.teacher_ckpt}")
     return teacher.to(device, memory_format=layout(device)).eval().requires_grad_(False)
 
@@ -581,8 +586,10 @@ def load_data(args, rank, world_size, device):
 # ---- loss: Eq. 2 of the paper and its baselines, from common.py ------------------------------------------------------
 
 def beta_scale(args, epoch):
-    """The β warm-up of the official few-shot code: min(epoch / (0.25·epochs), 1) over 0-indexed epochs."""
-    return min(epoch / (0.25 * args.epochs), 1.0)
+    """The warm-up of β (AdaptConf) and α (AugConf) in the official few-shot code (both stages), which counts epochs
+    from 1: e / (0.25·E) while e < int(0.25·E), then 1 (E = 20: 0.2, 0.4, 0.6, 0.8, then 1)."""
+    e = epoch + 1
+    return e / (0.25 * args.epochs) if e < int(0.25 * args.epochs) else 1.0
 
 
 def loss_terms(args, epoch, student_out, teacher_out, labels):
@@ -597,9 +604,8 @@ def loss_terms(args, epoch, student_out, teacher_out, labels):
         term = common.kd_loss(logits, t_logits, T=args.kd_T)
     elif args.loss == "rkd":
         term = common.rkd_loss(features, t_features)
-    elif args.loss == "augconf":   # Eq. 1, α ramped over the first 25% of epochs as in the official few-shot code
-        alpha = common.augconf_alpha(epoch, args.epochs, args.alpha_max, warmup_frac=0.25)
-        term = common.augconf_loss(logits, t_logits, alpha, T=args.kd_T)
+    elif args.loss == "augconf":   # Eq. 1, α ramped as β (the official aug_conf_loss)
+        term = common.augconf_loss(logits, t_logits, args.alpha_max * beta_scale(args, epoch), T=args.kd_T)
     elif args.loss == "adaptconf":   # Eq. 2, β scaled up linearly over the first 25% of epochs
         term = common.adaptconf_loss(logits, t_logits, tau=args.tau, T=args.kd_T, beta_scale=beta_scale(args, epoch))
     else:
@@ -674,15 +680,17 @@ def train_one_epoch(args, model, teacher, optimizer, train, epoch, rank, world_s
 
 
 def episode_accuracies(features, per_class, way, shot, query, episodes, seed, rank, world_size):
-    """(episodes,) accuracy of the prototype classifier on each seeded episode. Episode i is drawn from its own
-    generator (seed, i), so the episodes do not depend on the number of ranks; rank r scores episodes r, r + W, ...
-    and one all-reduce puts every accuracy in place exactly once."""
+    """(episodes,) accuracy of the prototype classifier on each seeded episode. The episodes are those of the official
+    code and Meta-Baseline (np.random.seed(seed), then CategoriesSampler's draws one episode after another); every
+    rank draws them all, scores episodes r, r + W, ..., and one all-reduce puts every accuracy in place once."""
     accuracies = torch.zeros(episodes, device=features.device, dtype=torch.float64)
+    rng = np.random.RandomState(seed)   # the legacy generator that np.random.seed seeds
+    drawn = [sample_episode(rng, per_class, way, shot, query) for _ in range(episodes)]
     mine = list(range(rank, episodes, world_size))
     labels = torch.arange(way, device=features.device).repeat_interleave(query)
     for chunk in range(0, len(mine), 256):
         ids = mine[chunk:chunk + 256]
-        idx = np.stack([sample_episode(np.random.default_rng([seed, i]), per_class, way, shot, query) for i in ids])
+        idx = np.stack([drawn[i] for i in ids])
         f = features[torch.from_numpy(idx).to(features.device)]            # (E, way, shot + query, D)
         logits = prototype_logits(f[:, :, :shot], f[:, :, shot:].reshape(len(ids), way * query, -1), 1.0)
         accuracies[ids] = (logits.argmax(dim=2) == labels).double().mean(dim=1)
@@ -754,7 +762,8 @@ def main(args):
         train, val, test = load_data(args, rank, world_size, device)
         if args.eval_only:   # the encoder of a checkpoint of either stage (ours, Meta-Baseline's, the official code's)
             encoder = MODELS[args.model](args.width).to(device, memory_format=layout(device))
-            load_weights(encoder, encoder_weights(args.eval_only, "--eval-only"), f"--eval-only {args.eval_only}")
+            load_weights(encoder, encoder_weights(args.eval_only, "--eval-only", args.model),
+                         f"--eval-only {args.eval_only}")
             results = evaluate(args, encoder, test, args.test_episodes, rank, world_size, device)
             return save_results(args, {**results, "checkpoint": args.eval_only}, rank, world_size, start_time)
 
@@ -762,7 +771,8 @@ def main(args):
         torch.manual_seed(args.seed)                          # the same student initialisation for every loss
         encoder = MODELS[args.model](args.width)
         if args.init:                                         # meta stage: the encoder of a classifier-stage run
-            load_weights(encoder, encoder_weights(args.init, "--init"), f"--init {args.init} as {args.model}")
+            load_weights(encoder, encoder_weights(args.init, "--init", args.model),
+                         f"--init {args.init} as {args.model}")
         raw_model = Classifier(encoder, num_classes) if args.stage == "classifier" else MetaBaseline(encoder)
         raw_model.to(device, memory_format=layout(device))
         teacher = load_teacher(args, num_classes, device) if args.loss != "ce" else None
@@ -804,11 +814,16 @@ def main(args):
                       **train_one_epoch(args, model, teacher, optimizer, train, epoch, rank, world_size, device),
                       **evaluate(args, raw_model.encoder, val, args.val_episodes, rank, world_size, device)}
             record["top1"] = record[select]   # the model-selection metric: picks the best epoch
-            if args.stage == "meta":
+            if args.stage == "meta":   # as the official train_meta.py, also the test split ("tval") every epoch
                 record["scale"] = raw_model.scale.item()
+                if test is not val:
+                    record.update({f"test_{k}": v for k, v in evaluate(args, raw_model.encoder, test,
+                                                                        args.val_episodes, rank, world_size,
+                                                                        device).items()})
             record["seconds"] = time.time() - epoch_start
-            if record["top1"] > best["top1"]:
-                best = {"top1": record["top1"], "epoch": epoch}
+            if record["top1"] > best["top1"]:   # Table 6 reports this epoch's val accuracy
+                best = {"top1": record["top1"], "epoch": epoch,
+                        **{f"val_{k}": record[k] for k in ("1shot", "1shot_ci", "5shot", "5shot_ci")}}
             if rank == 0:
                 log_record(args.out, record)
                 if args.out:
@@ -819,7 +834,11 @@ def main(args):
         results = evaluate(args, raw_model.encoder, test, args.test_episodes, rank, world_size, device)
         teacher_top1 = (evaluate(args, teacher.encoder, test, args.test_episodes, rank, world_size, device)["top1"]
                         if teacher is not None else None)     # the teacher on the same test episodes
-        return save_results(args, {**results, "best_top1": best["top1"], "best_epoch": best["epoch"],
+        if rank == 0:   # Table 6 (meta stage): val at the best epoch; Table 5 (classifier stage): the test line below
+            print(f"val ({args.val_episodes} episodes), best epoch {best['epoch']}: 1-shot {best['val_1shot']:.2f} "
+                  f"± {best['val_1shot_ci']:.2f}  5-shot {best['val_5shot']:.2f} ± {best['val_5shot_ci']:.2f}",
+                  flush=True)
+        return save_results(args, {**results, **{f"best_{k}": v for k, v in best.items()},
                                    "teacher_top1": teacher_top1}, rank, world_size, start_time)
     finally:
         cleanup_distributed()

@@ -11,14 +11,18 @@ Paper, Table 4 (top-1 %, ImageNet val):   ResNet18 (69.75) -> ResNet34    Mobile
     KD / FitNet / RKD                      73.68 / 70.93 / 73.65          76.52 / 73.61 / 76.45
     ReviewKD / DKD                             72.99 / 73.74                  75.28 / 76.72
     AugConf / AdaptConf                        73.80 / 74.16                  76.64 / 76.94
-Recipe (appendix A.1, official code): 100 epochs, SGD momentum 0.9, lr 0.1 at global batch 512, x0.1 every 30
-epochs, weight decay 1e-4, label smoothing 0.1, random-resized-crop 224 + flip; eval resize 224/0.95, crop 224.
-- The lr is scaled linearly with the actual global batch (--batch-size x processes).
+Recipe (appendix A.1; official train.py = timm 0.6.12 + imagenet_v0.yaml + timm defaults): 100 epochs, Nesterov SGD
+momentum 0.9, lr 0.1 at global batch 512 after 3 warm-up epochs from 1e-4, x0.1 every 30 epochs, weight decay 1e-4
+(none on biases and BN), label smoothing 0.1, the last BN of each ResNet block zeroed; random-resized-crop 224
+(bilinear or bicubic at random) + flip; eval resize 224/0.95 (the yaml's crop_pct, every model), bicubic (ResNet50,
+MobileNetV1) or bilinear (ResNet18/34) as timm's model configs, crop 224.
+- The lr is scaled linearly with the actual global batch (--batch-size x processes; the official code: 512 only).
 - MobileNetV1 pools globally (official AvgPool2d(7)): identical at 224, and any --image-size works.
-- FitNet (stride-8 hint, weight 100), RKD (25/50, pooled features), ReviewKD (4 stages + pooled) follow mdistiller.
-- Without labels (--gt-weight 0) FitNet, RKD and ReviewKD also learn the teacher's logits, as in cifar.py.
+- FitNet as the official code (1x1 conv per stage 1-4, weight 1); RKD (25/50, pooled features) and ReviewKD (4 stages
+  + pooled; the official reviewkd.py is CIFAR-only) follow mdistiller.
 """
 import argparse
+import functools
 import hashlib
 import itertools
 import json
@@ -39,8 +43,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from torchvision import transforms
 
-from common import (FeatureRegressor, ReviewKDFusion, adaptconf_beta, adaptconf_loss, augconf_alpha, augconf_loss,
-                    beta_counts, beta_summary, dkd_loss, hcl_loss, hint_loss, kd_loss, rkd_loss, topk_correct)
+from common import (ReviewKDFusion, adaptconf_beta, adaptconf_loss, augconf_alpha, augconf_loss, beta_counts,
+                    beta_summary, dkd_loss, hcl_loss, hint_loss, kd_loss, rkd_loss, topk_correct)
 
 # ---- shared: DDP, seeding, logging, checkpoints, errors ----------------------------------------------------------
 # Copied on purpose, identically, into every script (tests/test_copies.py keeps the copies equal): edit all together.
@@ -306,23 +310,31 @@ class MobileNetV1(nn.Module):
         return self.fc(self.model(x).flatten(1))
 
 
-# called as MODELS[name](num_classes=n): torchvision's constructors take keyword arguments only
-MODELS = {"resnet18": torchvision.models.resnet18, "resnet34": torchvision.models.resnet34,
-          "resnet50": torchvision.models.resnet50, "mobilenetv1": MobileNetV1}
+# called as MODELS[name](num_classes=n). The ResNets zero the last BN γ of every block (timm's zero_init_last, on in
+# the official code; torchvision's zero_init_residual): each block starts as the identity on its residual path
+MODELS = {name: functools.partial(getattr(torchvision.models, name), zero_init_residual=True)
+          for name in ("resnet18", "resnet34", "resnet50")} | {"mobilenetv1": MobileNetV1}
+# evaluation resize per model, as timm's configs that the official code reads: bicubic for its resnet50 and for a model
+# without one (the official MobileNetV1), bilinear for resnet18/34
+BICUBIC, BILINEAR = transforms.InterpolationMode.BICUBIC, transforms.InterpolationMode.BILINEAR
+EVAL_INTERPOLATION = {"resnet18": BILINEAR, "resnet34": BILINEAR, "resnet50": BICUBIC, "mobilenetv1": BICUBIC}
 
 
 def forward_features(model, x):
     """Runs a torchvision ResNet or MobileNetV1 and returns (logits (B, C), [4 stage outputs (B, C_i, H/2^(i+2),
     W/2^(i+2))], pooled (B, D)): the feature maps FitNet and ReviewKD compare, the embedding RKD compares."""
-    if isinstance(model, MobileNetV1):
-        stages, pool = [model.model[start:end] for start, end in MobileNetV1.STAGES], model.model[14]
-    else:   # torchvision ResNet
-        stages, pool = [model.layer1, model.layer2, model.layer3, model.layer4], model.avgpool
-        x = model.maxpool(model.relu(model.bn1(model.conv1(x))))
     feats = []
-    for stage in stages:
-        x = stage(x)
-        feats.append(x)
+    if isinstance(model, MobileNetV1):   # a stage's output before its last ReLU, as in mdistiller and the official code
+        for start, end in MobileNetV1.STAGES:
+            feats.append(model.model[end - 1][:-1](model.model[start:end - 1](x)))
+            x = F.relu(feats[-1])
+        pool = model.model[14]
+    else:   # torchvision ResNet: the stage outputs (after the ReLU), as timm's in the official code
+        x = model.maxpool(model.relu(model.bn1(model.conv1(x))))
+        for stage in (model.layer1, model.layer2, model.layer3, model.layer4):
+            x = stage(x)
+            feats.append(x)
+        pool = model.avgpool
     pooled = pool(x.float()).flatten(1)   # float32: the head and RKD read it
     with torch.autocast(x.device.type, enabled=False):   # float32 logits: β (Eq. 2) reads their top class, and bf16
         logits = model.fc(pooled.float())                 # ties in it would inflate the β = 0.5 fraction
@@ -330,20 +342,21 @@ def forward_features(model, x):
 
 
 class StudentWithHead(nn.Module):
-    """The student `net` plus the trainable head of a feature loss (FitNet regressor or ReviewKD fusion; None
+    """The student `net` plus the trainable head of a feature loss (FitNet projections or ReviewKD fusion; None
     otherwise), one module so that DDP synchronises both. forward → (logits, stage features, pooled, head output)."""
 
-    def __init__(self, net, head, hint_stage):
+    def __init__(self, net, head, hint_stages):
         super().__init__()
-        self.net, self.head, self.hint_stage = net, head, hint_stage
+        self.net, self.head, self.hint_stages = net, head, hint_stages
 
     def forward(self, x):
         logits, feats, pooled = forward_features(self.net, x)
         if self.head is None:
             return logits, feats, pooled, None
-        # FitNet: one stage; ReviewKD: the stages shallow → deep, then the pooled embedding as a 1x1 map
-        hint = feats[self.hint_stage] if isinstance(self.head, FeatureRegressor) else feats + [pooled[:, :, None, None]]
-        return logits, feats, pooled, self.head(hint)
+        if isinstance(self.head, nn.ModuleList):   # FitNet: [projected map of each hinted stage (numbered 1-4)]
+            return logits, feats, pooled, [proj(feats[k - 1]) for proj, k in zip(self.head, self.hint_stages)]
+        # ReviewKD: the stages shallow → deep, then the pooled embedding as a 1x1 map
+        return logits, feats, pooled, self.head(feats + [pooled[:, :, None, None]])
 
 
 def build_head(args, student, teacher):
@@ -355,9 +368,12 @@ def build_head(args, student, teacher):
         _, s_feats, s_pooled = forward_features(student.eval(), x)
         _, t_feats, t_pooled = forward_features(teacher.eval(), x)
     student.train()
-    if args.loss == "fitnet":
-        s, t = s_feats[args.fitnet_stage], t_feats[args.fitnet_stage]
-        return FeatureRegressor(s.shape[1], t.shape[1], tuple(s.shape[-2:]), tuple(t.shape[-2:]))
+    if args.loss == "fitnet":   # the official FitNet: a bias-free 1x1 conv per hinted stage, kaiming (fan_out) init
+        head = nn.ModuleList(nn.Conv2d(s_feats[k - 1].shape[1], t_feats[k - 1].shape[1], 1, bias=False)
+                             for k in args.fitnet_stage)
+        for conv in head:
+            nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+        return head
     return ReviewKDFusion([f.shape[1] for f in s_feats] + [s_pooled.shape[1]],
                           [f.shape[1] for f in t_feats] + [t_pooled.shape[1]],
                           [f.shape[-1] for f in t_feats] + [1], mid_channels=256)
@@ -432,6 +448,15 @@ def to_device(images, labels, device):
     return images, labels.to(device, non_blocking=True)
 
 
+class RandomInterpolationCrop(transforms.RandomResizedCrop):
+    """timm's RandomResizedCropAndInterpolation with its 'random' interpolation (the official code's default): bilinear
+    or bicubic at random for each image, drawn from torch's RNG (seeded per epoch: --resume replays it)."""
+
+    def forward(self, img):
+        self.interpolation = (BILINEAR, BICUBIC)[int(torch.randint(2, ()))]
+        return super().forward(img)
+
+
 def load_data(args, rank, world_size, device):
     """(train_loader, val_loader, num_classes). Training: a DistributedSampler (disjoint shards, reshuffled by
     set_epoch); None with --eval-only. Validation: images rank::world_size, no padding, so each counts once.
@@ -445,7 +470,8 @@ def load_data(args, rank, world_size, device):
         raise UserError(f"--data-dir {args.data_dir} does not exist; point it at a folder holding "
                         "train/<class>/*.JPEG and val/<class>/*.JPEG")
     normalize = transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))   # ImageNet's mean and std
-    eval_tf = transforms.Compose([transforms.Resize(int(args.image_size / args.crop_fraction)),
+    eval_tf = transforms.Compose([transforms.Resize(int(args.image_size / args.crop_fraction),
+                                                    interpolation=EVAL_INTERPOLATION[args.model]),
                                   transforms.CenterCrop(args.image_size), transforms.ToTensor(), normalize])
     val_set = image_folder(args, "val", eval_tf)
     loader_args = dict(batch_size=args.batch_size, num_workers=args.workers, pin_memory=device.type == "cuda")
@@ -453,7 +479,7 @@ def load_data(args, rank, world_size, device):
                             persistent_workers=args.workers > 0, **loader_args)
     if args.eval_only:
         return None, val_loader, len(val_set.classes)
-    train_tf = transforms.Compose([transforms.RandomResizedCrop(args.image_size), transforms.RandomHorizontalFlip(),
+    train_tf = transforms.Compose([RandomInterpolationCrop(args.image_size), transforms.RandomHorizontalFlip(),
                                    transforms.ToTensor(), normalize])
     train_set = image_folder(args, "train", train_tf)
     if train_set.classes != val_set.classes:
@@ -495,7 +521,8 @@ def loss_terms(args, epoch, student_out, teacher_out, labels):
         warmup = min((epoch + 1) / args.dkd_warmup, 1.0) if args.dkd_warmup > 0 else 1.0
         terms["dkd"] = warmup * dkd_loss(logits, t_logits, labels, args.dkd_alpha, args.dkd_beta, T=args.dkd_T)
     elif args.loss == "fitnet":
-        terms["fitnet"] = args.fitnet_weight * hint_loss(head_out, t_feats[args.fitnet_stage])
+        terms["fitnet"] = args.fitnet_weight * sum(hint_loss(h, t_feats[k - 1])   # MSE per hinted stage, summed
+                                                   for h, k in zip(head_out, args.fitnet_stage))
     elif args.loss == "rkd":          # distance 25 + angle 50 on the pooled embeddings
         terms["rkd"] = rkd_loss(pooled, t_pooled)
     elif args.loss == "reviewkd":
@@ -512,8 +539,22 @@ def loss_terms(args, epoch, student_out, teacher_out, labels):
 # ---- training and evaluation -------------------------------------------------------------------------------------
 
 def lr_at(args, epoch, world_size):
-    """--lr at a global batch of 512, scaled linearly with the actual global batch; x0.1 every 30 epochs."""
-    return args.lr * args.batch_size * world_size / 512 * 0.1 ** (epoch // 30)
+    """timm's StepLRScheduler as the official code builds it (per epoch, warm-up not a prefix): linear from --warmup-lr
+    over --warmup-epochs, then --lr (at a global batch of 512, scaled linearly with the actual one) x0.1 every 30
+    epochs counted from 0."""
+    lr = args.lr * args.batch_size * world_size / 512
+    if epoch < args.warmup_epochs:
+        return args.warmup_lr + epoch * (lr - args.warmup_lr) / args.warmup_epochs
+    return lr * 0.1 ** (epoch // 30)
+
+
+def param_groups(model, weight_decay):
+    """timm's param_groups_weight_decay: no weight decay on 1-D parameters (BatchNorm) and biases."""
+    groups = [{"params": [], "weight_decay": 0.0}, {"params": [], "weight_decay": weight_decay}]
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            groups[p.ndim > 1 and not name.endswith(".bias")]["params"].append(p)
+    return groups
 
 
 def train_one_epoch(args, model, teacher, optimizer, loader, epoch, rank, device, max_steps=None):
@@ -603,8 +644,8 @@ def main(args):
         raw_model.to(device, memory_format=memory_format)
         if teacher is not None:
             teacher.to(device, memory_format=memory_format)
-        optimizer = torch.optim.SGD(raw_model.parameters(), lr=lr_at(args, 0, world_size), momentum=0.9,
-                                    weight_decay=1e-4)   # appendix A.1
+        optimizer = torch.optim.SGD(param_groups(raw_model, 1e-4), lr=lr_at(args, 0, world_size), momentum=0.9,
+                                    nesterov=True)   # appendix A.1; timm's "sgd" is Nesterov
         model = raw_model if world_size == 1 else \
             DistributedDataParallel(raw_model, device_ids=[device.index] if device.type == "cuda" else None)
         hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
@@ -636,7 +677,8 @@ def main(args):
                 raw_model.head.load_state_dict(ckpt["head"])
             optimizer.load_state_dict(ckpt["optimizer"])
             start_epoch, best, teacher_top1 = ckpt["epoch"], ckpt["best"], ckpt["teacher_top1"]
-        elif teacher is not None:   # check the teacher on the same crop before spending GPU-days
+        elif teacher is not None:   # check the teacher on the same crop before spending GPU-days (the paper's pairs
+            # share their eval interpolation: resnet18/34 bilinear, mobilenetv1/resnet50 bicubic)
             teacher_top1 = evaluate(args, teacher, val_loader, device)["top1"]
             if rank == 0:
                 print(f"teacher {args.teacher}: top1 {teacher_top1:.2f}", flush=True)
@@ -705,6 +747,8 @@ def parse_args(argv=None):
     g.add_argument("--epochs", type=int, default=100, help="training epochs; the lr drops x0.1 every 30")
     g.add_argument("--batch-size", type=int, default=64, help="images per process (8 GPUs x 64 = 512)")
     g.add_argument("--lr", type=float, default=0.1, help="SGD lr for a global batch of 512, scaled linearly")
+    g.add_argument("--warmup-epochs", type=int, default=3, help="epochs of linear lr warm-up (timm's default)")
+    g.add_argument("--warmup-lr", type=float, default=1e-4, help="lr of the first warm-up epoch (timm's default)")
     g.add_argument("--label-smoothing", type=float, default=0.1, help="label smoothing of the ground-truth CE term")
     g.add_argument("--seed", type=int, default=0, help="seed of the student's initialisation, shuffling, augmentation")
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
@@ -720,9 +764,9 @@ def parse_args(argv=None):
     g.add_argument("--dkd-beta", type=float, default=2.0, help="dkd: weight of NCKD (official code 2)")
     g.add_argument("--dkd-T", type=float, default=1.0, help="dkd: temperature (official code 1)")
     g.add_argument("--dkd-warmup", type=int, default=0, help="dkd: epochs of linear warm-up (official 0; mdistiller 1)")
-    g.add_argument("--fitnet-stage", type=int, default=1, choices=[0, 1, 2, 3], help="fitnet: stage whose output is "
-                   "the hint (1 = the stride-8 stage, mdistiller's middle)")
-    g.add_argument("--fitnet-weight", type=float, default=100.0, help="fitnet: weight of the hint MSE (mdistiller)")
+    g.add_argument("--fitnet-stage", type=int, nargs="+", default=[1, 2, 3, 4], choices=[1, 2, 3, 4],
+                   help="fitnet: the hinted stages, 1-4 (official: all four)")
+    g.add_argument("--fitnet-weight", type=float, default=1.0, help="fitnet: weight of the summed hint MSEs (official)")
     g.add_argument("--reviewkd-weight", type=float, default=1.0, help="reviewkd: weight of HCL (mdistiller ImageNet)")
     g = p.add_argument_group("run")
     g.add_argument("--out", default=None, help="output folder for log.jsonl, results.json, checkpoint.pt")

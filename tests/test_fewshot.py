@@ -140,8 +140,20 @@ def test_episode_accuracies_split_over_ranks_equal_the_single_process_ones():
 
 
 def test_adaptconf_beta_warm_up_is_the_first_quarter_of_epochs():
+    """The official utils adapt_conf_loss / aug_conf_loss, epochs counted from 1: e / (0.25·E) while e < int(0.25·E)
+    (our epoch 0 is its epoch 1), listed here for E = 20 (meta stage), 10 and 2, and E = 100 (classifier stage)."""
+    scales = lambda *argv: [fewshot.beta_scale(fewshot.parse_args(list(argv)), e) for e in range(int(argv[-1]))]
+    assert scales("--stage", "meta", "--init", "cls.pt", "--epochs", "20") == [0.2, 0.4, 0.6, 0.8] + [1.0] * 16
+    assert scales("--epochs", "10") == [0.4] + [1.0] * 9           # int(2.5) = 2: one ramp epoch, then a jump
+    assert scales("--epochs", "2") == [1.0, 1.0]                    # int(0.5) = 0: no warm-up
+    assert scales("--epochs", "100") == [e / 25 for e in range(1, 25)] + [1.0] * 76
+    # AugConf's α ramps the same way up to --alpha-max (the official aug_conf_loss)
+    args = fewshot.parse_args(["--stage", "meta", "--init", "cls.pt", "--loss", "augconf", "--teacher", "resnet12",
+                               "--teacher-ckpt", "t.pt", "--epochs", "20"])
+    s_logits, t_logits, labels = torch.randn(6, 5), torch.randn(6, 5), torch.arange(6) % 5
+    term = fewshot.loss_terms(args, 1, (s_logits, None), (t_logits, None), labels)["augconf"]
+    assert term == fewshot.common.augconf_loss(s_logits, t_logits, 0.5 * 0.4, T=10.0)
     args = fewshot.parse_args(["--stage", "meta", "--epochs", "20", "--init", "cls.pt"])
-    assert [fewshot.beta_scale(args, e) for e in (0, 1, 4, 5, 19)] == [0.0, 0.2, 0.8, 1.0, 1.0]
     assert (args.lr, args.tau, args.kd_T, args.lr_decay_epoch) == (1e-3, 0.25, 10.0, None)
     assert fewshot.lr_at(args, 19) == 1e-3                                 # meta stage: no decay
     args = fewshot.parse_args([])
@@ -170,7 +182,7 @@ def test_classifier_stage_then_meta_stage_then_evaluation(data_dir, teacher_ckpt
               "--teacher", "resnet12", "--teacher-ckpt", teacher_ckpt, "--epochs", "2", "--batch-size", "48")
     log = read_log(student)
     assert [r["epoch"] for r in log] == [0, 1]
-    assert log[0]["train_beta_scale"] == 0.0 and log[1]["train_beta_scale"] == 1.0   # 25% warm-up of 2 epochs
+    assert log[0]["train_beta_scale"] == log[1]["train_beta_scale"] == 1.0   # int(0.25 · 2) = 0: no warm-up
     assert 0 < log[1]["train_beta_mean"] <= 0.5 and 0 <= log[1]["train_beta_frac_half"] <= 1
     assert len(log[1]["train_beta_hist"]) == 10 and sum(log[1]["train_beta_hist"]) == pytest.approx(1.0)
     assert log[0]["lr"] == 0.1 and log[1]["lr"] == pytest.approx(0.01)   # x0.1 at 0.9·epochs
@@ -193,6 +205,10 @@ def test_classifier_stage_then_meta_stage_then_evaluation(data_dir, teacher_ckpt
               "--batches-per-epoch", "2", "--episodes-per-batch", "2")
     log = read_log(meta)
     assert log[0]["lr"] == 1e-3 and log[1]["lr"] == 1e-3
+    # Table 6 reports val at the best epoch; the log also holds the test split's 20 episodes of every epoch
+    best = log[res["best_epoch"]]
+    assert [res[f"best_val_{k}"] for k in SHOTS] == [best[k] for k in SHOTS] and res["best_top1"] == best["1shot"]
+    assert all(f"test_{k}" in r for r in log for k in SHOTS) and best["test_images"] == 20 * 5 * 3
     assert log[0]["scale"] != 10.0                                          # the scale is learned
     assert res["1shot"] > 40 and res["best_epoch"] in (0, 1)
     ckpt = torch.load(meta / "checkpoint.pt", weights_only=True)
@@ -219,7 +235,7 @@ def test_best_epoch_is_chosen_on_val_at_the_training_shot(data_dir, teacher_ckpt
                                                           best_epoch):
     """As Meta-Baseline's train_meta.py: a 5-shot run keeps the epoch of the best 5-shot val accuracy (the tiny data
     set is too easy to tell the shots apart, so evaluate returns set accuracies: val 1-shot rises, 5-shot falls)."""
-    val = iter([(50.0, 70.0), (60.0, 65.0)])
+    val = iter([(50.0, 70.0), (41.0, 46.0), (60.0, 65.0), (41.0, 46.0)])   # each epoch: val, then test's log entry
 
     def evaluate(args, encoder, split, episodes, rank, world_size, device):
         one, five = next(val) if episodes == args.val_episodes else (40.0, 45.0)
@@ -231,6 +247,7 @@ def test_best_epoch_is_chosen_on_val_at_the_training_shot(data_dir, teacher_ckpt
     log = read_log(tmp_path)
     assert [r["top1"] for r in log] == [r[f"{shot}shot"] for r in log]
     assert res["best_epoch"] == best_epoch and res["best_top1"] == log[best_epoch][f"{shot}shot"]
+    assert res["best_val_1shot"] == log[best_epoch]["1shot"] and [r["test_1shot"] for r in log] == [41.0, 41.0]
     assert res["top1"] == res["1shot"] == 40.0                              # the test headline stays 1-shot
 
 
@@ -429,14 +446,89 @@ def test_official_meta_baseline_checkpoint_format_is_read_weights_only(tmp_path,
     ours = torch.load(teacher_ckpt, weights_only=True)["model"]
     official = {k.replace("head.", "classifier.linear."): v for k, v in ours.items()}
     meta_baseline_checkpoint(tmp_path / "epoch-last.pth", official, "classifier", legacy)
-    read = fewshot.read_weights(str(tmp_path / "epoch-last.pth"), "--teacher-ckpt")
+    read = fewshot.read_weights(str(tmp_path / "epoch-last.pth"), "--teacher-ckpt", "resnet12")
     assert read.keys() == ours.keys() and all(torch.equal(read[k], ours[k]) for k in ours)
     meta = {**{k: v for k, v in official.items() if k.startswith("encoder.")}, "temp": torch.tensor(7.0)}
     meta_baseline_checkpoint(tmp_path / "max-va.pth", meta, "meta-baseline", legacy)
-    read = fewshot.read_weights(str(tmp_path / "max-va.pth"), "--init")
+    read = fewshot.read_weights(str(tmp_path / "max-va.pth"), "--init", "resnet12")
     assert read["scale"] == 7.0 and "head.weight" not in read
-    assert fewshot.encoder_weights(str(tmp_path / "max-va.pth"), "--init").keys() == {
+    assert fewshot.encoder_weights(str(tmp_path / "max-va.pth"), "--init", "resnet12").keys() == {
         k[len("encoder."):] for k in ours if k.startswith("encoder.")}
+
+
+def official_resnet12_bottle(width):
+    """The module naming of the official few_shot_leaerning/models/resnet.py `resnet12_bottle` = ResNet([1, 1, 1, 1]):
+    each stage an nn.Sequential holding one block (layerK.0.conv1 ..., shortcut layerK.0.downsample.{0,1}, a max-pool
+    without parameters); forward: the four stages, then the spatial mean."""
+    encoder, cin = torch.nn.Module(), 3
+    for k, c in enumerate((width, 2 * width, 4 * width, 8 * width)):
+        encoder.add_module(f"layer{k + 1}", torch.nn.Sequential(fewshot.Block(cin, c, first_in_stage=True)))
+        cin = c
+    return encoder
+
+
+def test_official_resnet12_bottle_checkpoint_loads_strictly_with_the_same_outputs(tmp_path):
+    """A checkpoint written with the official names (layerK.0.*, classifier.linear.*, temp) loads with strict=True into
+    our ResNet-12 teacher (classifier stage) and encoder (meta stage / --init / --eval-only) and gives its outputs."""
+    torch.manual_seed(3)
+    official = official_resnet12_bottle(4).eval()
+    with torch.no_grad():   # random BN statistics and affine parameters: a misplaced tensor changes the outputs
+        for m in official.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5), m.bias.normal_(), m.running_mean.normal_(), m.running_var.uniform_(0.5, 2)
+    linear = torch.nn.Linear(32, 8)
+    model_sd = {**{f"encoder.{k}": v for k, v in official.state_dict().items()},
+                "classifier.linear.weight": linear.weight.detach(), "classifier.linear.bias": linear.bias.detach()}
+    assert "encoder.layer2.0.downsample.1.running_var" in model_sd
+    meta_baseline_checkpoint(tmp_path / "epoch-last.pth", model_sd, "classifier")
+    args = fewshot.parse_args(["--model", "resnet12", "--width", "4", "--loss", "kd", "--teacher", "resnet12",
+                               "--teacher-ckpt", str(tmp_path / "epoch-last.pth")])
+    teacher = fewshot.load_teacher(args, 8, torch.device("cpu"))   # strict: every tensor named and used
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        features = official.layer4(official.layer3(official.layer2(official.layer1(x)))).flatten(2).mean(2)
+        logits, ours = teacher(x)
+        torch.testing.assert_close(ours, features)
+        torch.testing.assert_close(logits, linear(features))
+    meta = {**{k: v for k, v in model_sd.items() if k.startswith("encoder.")}, "temp": torch.tensor(7.0)}
+    meta_baseline_checkpoint(tmp_path / "max-va.pth", meta, "meta-baseline")
+    encoder = fewshot.MODELS["resnet12"](4).eval()
+    fewshot.load_weights(encoder, fewshot.encoder_weights(str(tmp_path / "max-va.pth"), "--init", "resnet12"), "x")
+    with torch.no_grad():
+        torch.testing.assert_close(encoder(x), features)
+    # deeper ResNets keep layerK.i.*: an official resnet18_bottle key is not renamed
+    assert "encoder.layer1.0.conv1.weight" in fewshot.read_weights(str(tmp_path / "max-va.pth"), "--init", "resnet18")
+
+
+def test_val_episodes_are_the_official_ones_on_the_16_val_classes(tmp_path):
+    """Table 6's val score: the val split (here 16 classes, labels 8..23 in the pickle), 800 episodes per shot drawn as
+    the official train_meta.py draws them: np.random.seed(0), then CategoriesSampler episode after episode (classes
+    with np.random.choice, then each class's shot + query images). Reference: those draws and the prototype classifier
+    written out in float64 over the encoder's features."""
+    root = write_pickles(tmp_path, classes=(8, 16, 5), per_class=(12, 9, 8))
+    args = fewshot.parse_args(["--data-dir", root, "--stage", "meta", "--init", "x.pt", "--width", "4",
+                               "--image-size", "16", "--query", "3"])
+    _, val, _ = fewshot.load_data(args, 0, 1, torch.device("cpu"))
+    assert len(val[2]) == 16 and len(val[1]) == 16 * 9
+    torch.manual_seed(0)
+    encoder = fewshot.MODELS["resnet12"](4)
+    result = fewshot.evaluate(args, encoder, val, args.val_episodes, 0, 1, torch.device("cpu"))
+    with torch.no_grad():
+        features = encoder(fewshot.normalize(val[0])).double().numpy()
+    labels = val[1].numpy()
+    catlocs = [np.argwhere(labels == c).reshape(-1) for c in range(labels.max() + 1)]
+    state = np.random.get_state()
+    for shot in (1, 5):
+        np.random.seed(0)
+        accs = []
+        for _ in range(200 * 4):
+            episode = [np.random.choice(catlocs[c], shot + 3, replace=False)
+                       for c in np.random.choice(len(catlocs), 5, replace=False)]
+            protos = [features[e[:shot]].mean(0) / np.linalg.norm(features[e[:shot]].mean(0)) for e in episode]
+            accs.append(np.mean([np.argmax([features[q] @ p for p in protos]) == j
+                                 for j, e in enumerate(episode) for q in e[shot:]]))
+        assert result[f"{shot}shot"] == pytest.approx(100 * np.mean(accs), abs=1e-9)
+    np.random.set_state(state)
 
 
 def test_missing_split(tmp_path):

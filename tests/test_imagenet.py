@@ -7,6 +7,7 @@ import json
 import os
 import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -16,7 +17,7 @@ from conftest import make_image_tree, run_torchrun, syncs_per_step
 # 3 classes; 4 training images per class (3 steps of 4), 5 validation images per class: 15, an odd count that
 # two processes cannot split evenly, so padding or double counting would show
 NUM_CLASSES, TRAIN_PER_CLASS, VAL_PER_CLASS = 3, 4, 5
-TINY = ["--image-size", "32", "--batch-size", "4", "--workers", "0", "--lr", "0.4"]
+TINY = ["--image-size", "32", "--batch-size", "4", "--workers", "0", "--lr", "0.4", "--warmup-epochs", "0"]
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +95,100 @@ def test_forward_features_shapes(name, channels, embed):
     assert [tuple(f.shape) for f in feats] == [(2, c, 64 // 2 ** (i + 2), 32 // 2 ** (i + 2))
                                                for i, c in enumerate(channels)]
     assert pooled.shape == (2, embed)
+    if name == "mobilenetv1":   # stage outputs before their last ReLU (mdistiller, official code): ReLU'd = the blocks
+        assert all((f < 0).any() for f in feats)
+        with torch.no_grad():
+            assert torch.equal(torch.relu(feats[1]), net.model[:6](x))
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+def test_resnet_blocks_start_as_identity(name):
+    """timm's zero_init_last (torchvision's zero_init_residual): each block's last BN γ is 0 at construction, so a
+    block without a downsample maps its (non-negative, post-ReLU) input to itself, and one with a downsample gives
+    ReLU(downsample(x)); every other BN γ is 1."""
+    net = imagenet.MODELS[name](num_classes=10).eval()
+    blocks = [b for layer in (net.layer1, net.layer2, net.layer3, net.layer4) for b in layer]
+    for block in blocks:
+        last = block.bn3 if hasattr(block, "bn3") else block.bn2
+        assert torch.all(last.weight == 0)
+        others = [m for m in block.modules() if isinstance(m, torch.nn.BatchNorm2d) and m is not last]
+        assert all(torch.all(m.weight == 1) for m in others)
+        x = torch.rand(2, block.conv1.in_channels, 8, 8)
+        with torch.no_grad():
+            expected = x if block.downsample is None else torch.relu(block.downsample(x))
+            assert torch.equal(block(x), expected)
+    assert sum(b.downsample is None for b in blocks) >= 4
+
+
+def test_lr_schedule_is_timms_step_scheduler_with_warm_up():
+    """Per epoch, as timm's StepLRScheduler (warmup_t 3, warmup_lr_init 1e-4, decay_t 30, rate 0.1, warm-up not a
+    prefix) is stepped by the official train.py: written here as a linspace and a count of passed milestones."""
+    for world_size, lr, batch in ((8, 0.1, 64), (1, 0.4, 32)):
+        args = imagenet.parse_args(["--lr", str(lr), "--batch-size", str(batch)])
+        peak = lr * batch * world_size / 512
+        warm = np.linspace(1e-4, peak, 4)[:3]   # epochs 0, 1, 2; epoch 3 reaches the peak
+        expected = [warm[e] if e < 3 else peak * 0.1 ** sum(e >= m for m in (30, 60, 90)) for e in range(100)]
+        got = [imagenet.lr_at(args, e, world_size) for e in range(100)]
+        assert got == pytest.approx(expected, rel=1e-12, abs=0)
+    args = imagenet.parse_args(["--warmup-epochs", "0"])
+    assert imagenet.lr_at(args, 0, 8) == 0.1 and imagenet.lr_at(args, 30, 8) == pytest.approx(0.01)
+    assert "--warmup-epochs 3 must be below --epochs 3" in refused(["--epochs", "3"])
+
+
+def test_weight_decay_skips_biases_and_every_1d_parameter():
+    """timm's param_groups_weight_decay over the student and the loss's head (ReviewKD's fusion has conv biases)."""
+    args = loss_args("reviewkd")
+    student, teacher = imagenet.MODELS["resnet18"](num_classes=5), imagenet.MODELS["mobilenetv1"](num_classes=5)
+    model = imagenet.StudentWithHead(student, imagenet.build_head(args, student, teacher), args.fitnet_stage)
+    no_decay, decay = imagenet.param_groups(model, 1e-4)
+    assert (no_decay["weight_decay"], decay["weight_decay"]) == (0.0, 1e-4)
+    ids = lambda params: {id(p) for p in params}
+    for name, p in model.named_parameters():
+        bn_or_bias = p.ndim == 1 or name.endswith(".bias")
+        assert (id(p) in ids(no_decay["params"]), id(p) in ids(decay["params"])) == (bn_or_bias, not bn_or_bias), name
+    names = {n for n, p in model.named_parameters() if id(p) in ids(no_decay["params"])}
+    assert {"net.bn1.weight", "net.fc.bias", "net.layer1.0.bn2.bias"} <= names and "net.fc.weight" not in names
+    assert any(n.startswith("head.") and n.endswith(".bias") for n in names)   # conv biases of the fusion
+    assert len(no_decay["params"]) + len(decay["params"]) == len(list(model.parameters()))
+
+
+@pytest.mark.parametrize("name, mode", [("resnet18", "BILINEAR"), ("resnet34", "BILINEAR"), ("resnet50", "BICUBIC"),
+                                        ("mobilenetv1", "BICUBIC")])
+def test_evaluation_resize_per_model(data_dir, name, mode):
+    """timm's per-model interpolation (resnet18/34 bilinear; resnet50 and the config-less MobileNetV1 bicubic), with
+    the official crop fraction 0.95: the val image equals PIL's resize of the file (40 px → int(32/0.95) = 33) then
+    the centre 32 px."""
+    from PIL import Image
+    args = imagenet.parse_args(["--data-dir", data_dir, "--model", name, "--eval-only", "x.pt", *TINY])
+    _, val_loader, _ = imagenet.load_data(args, 0, 1, torch.device("cpu"))
+    image, _ = val_loader.dataset[0]
+    path = val_loader.dataset.dataset.samples[0][0]
+    pil = Image.open(path).convert("RGB").resize((33, 33), getattr(Image, mode)).crop((0, 0, 32, 32))
+    expected = (torch.tensor(np.asarray(pil), dtype=torch.float32).permute(2, 0, 1) / 255
+                - torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)) / torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+    assert torch.allclose(image, expected, atol=1e-5)
+    other = Image.open(path).convert("RGB").resize((33, 33), Image.BICUBIC if mode == "BILINEAR" else Image.BILINEAR)
+    assert not np.array_equal(np.asarray(other.crop((0, 0, 32, 32))), np.asarray(pil))   # the choice is visible
+
+
+def test_training_crops_pick_bilinear_or_bicubic_at_random(data_dir):
+    """timm's train_interpolation 'random' (the official default): each crop resamples bilinearly or bicubically, half
+    and half, from torch's RNG (seeded per epoch, so --resume replays it)."""
+    from PIL import Image
+    args = imagenet.parse_args(["--data-dir", data_dir, "--model", "resnet18", *TINY])
+    train_loader, _, _ = imagenet.load_data(args, 0, 1, torch.device("cpu"))
+    crop = train_loader.dataset.transform.transforms[0]
+    assert isinstance(crop, imagenet.RandomInterpolationCrop)
+    img = Image.new("RGB", (40, 40))
+    torch.manual_seed(0)
+    modes = []
+    for _ in range(400):
+        crop(img)
+        modes.append(crop.interpolation)
+    counts = {m: modes.count(m) for m in set(modes)}
+    assert set(counts) == {imagenet.BILINEAR, imagenet.BICUBIC} and 160 <= counts[imagenet.BICUBIC] <= 240
+    torch.manual_seed(0)
+    assert [(crop(img), crop.interpolation)[1] for _ in range(50)] == modes[:50]   # the same seed, the same draws
 
 
 def test_feature_heads_map_student_onto_teacher_shapes():
@@ -105,9 +200,18 @@ def test_feature_heads_map_student_onto_teacher_shapes():
     _, t_feats, t_pooled = imagenet.forward_features(teacher, x)
     fused = model(x)[3]
     assert [f.shape for f in fused] == [f.shape for f in t_feats] + [(2, 1024, 1, 1)]
-    args = loss_args("fitnet")
+    args = loss_args("fitnet")   # official FitNet: a bias-free 1x1 conv per stage 1-4, the summed MSEs, weight 1
     model = imagenet.StudentWithHead(student, imagenet.build_head(args, student, teacher), args.fitnet_stage)
-    assert model(x)[3].shape == t_feats[1].shape == (2, 256, 4, 4)
+    assert args.fitnet_stage == [1, 2, 3, 4] and args.fitnet_weight == 1.0
+    assert all(conv.kernel_size == (1, 1) and conv.bias is None for conv in model.head)
+    out = model(x)
+    assert [h.shape for h in out[3]] == [f.shape for f in t_feats]
+    loss = imagenet.loss_terms(args, 0, out, (torch.zeros(2, 5), t_feats, t_pooled), torch.tensor([0, 1]))["fitnet"]
+    expected = sum(((conv(s) - t) ** 2).mean() for conv, s, t in zip(model.head, out[1], t_feats))
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    args = loss_args("fitnet", "--fitnet-stage", "2")   # one stage: the stride-8 one
+    model = imagenet.StudentWithHead(student, imagenet.build_head(args, student, teacher), args.fitnet_stage)
+    assert [h.shape for h in model(x)[3]] == [t_feats[1].shape] == [(2, 256, 4, 4)]
 
 
 def test_every_table4_loss_gives_a_finite_loss_and_student_gradients():
@@ -190,7 +294,8 @@ def test_two_process_torchrun_counts_every_val_image_once(data_dir, teacher_ckpt
     out = str(tmp_path / "ddp")
     run_torchrun("imagenet.py", ["--data-dir", data_dir, "--model", "resnet18", "--teacher", "resnet18",
                                  "--teacher-ckpt", ckpt, "--loss", "kd", "--epochs", "1", "--out", out,
-                                 "--image-size", "32", "--batch-size", "4", "--workers", "1"], nproc=2)
+                                 "--image-size", "32", "--batch-size", "4", "--workers", "1", "--warmup-epochs", "0"],
+                 nproc=2)
     result = read_results(out)
     assert result["world_size"] == 2 and result["images"] == 15
     (record,) = read_log(out)
@@ -209,25 +314,25 @@ def test_resume_reproduces_an_uninterrupted_run(data_dir, teacher_ckpt, tmp_path
     uninterrupted run ends. --overwrite starts afresh in a folder holding a run."""
     ckpt, _ = teacher_ckpt
     base = ["--data-dir", data_dir, "--model", "resnet18", "--teacher", "resnet18", "--teacher-ckpt", ckpt,
-            "--loss", "fitnet", *TINY]
+            "--loss", "fitnet", *TINY, "--warmup-epochs", "1"]   # the warm-up epoch, then the peak lr
     full, split = str(tmp_path / "full"), str(tmp_path / "split")
     os.makedirs(full)
     with open(os.path.join(full, "log.jsonl"), "w") as f:   # an earlier run's log
         f.write('{"epoch": 0, "loss": 99.0}\n')
-    stops([*base, "--epochs", "2", "--out", full], "--out .*full holds a run \\(log.jsonl\\); pass --resume")
-    imagenet.main(imagenet.parse_args([*base, "--epochs", "2", "--out", full, "--overwrite"]))
+    stops([*base, "--epochs", "3", "--out", full], "--out .*full holds a run \\(log.jsonl\\); pass --resume")
+    imagenet.main(imagenet.parse_args([*base, "--epochs", "3", "--out", full, "--overwrite"]))
     os.makedirs(split)
-    imagenet.main(imagenet.parse_args([*base, "--epochs", "1", "--out", split, "--resume"]))   # empty: a fresh run
+    imagenet.main(imagenet.parse_args([*base, "--epochs", "2", "--out", split, "--resume"]))   # empty: a fresh run
     assert "a fresh run" in capsys.readouterr().out
-    # a killed second epoch: half a log line, a half-written checkpoint
+    # a killed third epoch: half a log line, a half-written checkpoint
     with open(os.path.join(split, "log.jsonl"), "a") as f:
-        f.write('{"epoch": 1, "lr": 0.')
+        f.write('{"epoch": 2, "lr": 0.')
     with open(os.path.join(split, "checkpoint.pt.tmp"), "wb") as f:
         f.write(b"PK\x03\x04 half")
-    stops([*base, "--epochs", "2", "--out", split, "--resume", "--lr", "0.2", "--seed", "1"],
+    stops([*base, "--epochs", "3", "--out", split, "--resume", "--lr", "0.2", "--seed", "1"],
           "--resume: the run in --out was started with other --lr \\(0.4 there, 0.2 now\\), --seed \\(0 there, 1 "
           "now\\)")
-    imagenet.main(imagenet.parse_args([*base, "--epochs", "2", "--out", split, "--resume"]))
+    imagenet.main(imagenet.parse_args([*base, "--epochs", "3", "--out", split, "--resume"]))
     assert "resuming" in capsys.readouterr().out
     assert sorted(os.listdir(split)) == ["checkpoint.pt", "log.jsonl", "results.json"]
     # every checkpoint we write loads weights_only (resuming read it so, too)
@@ -237,8 +342,14 @@ def test_resume_reproduces_an_uninterrupted_run(data_dir, teacher_ckpt, tmp_path
         assert a[part].keys() == b[part].keys()
         for name in a[part]:
             assert torch.equal(a[part][name], b[part][name]), f"{part} tensor {name} differs after resume"
-    assert [r["epoch"] for r in read_log(split)] == [r["epoch"] for r in read_log(full)] == [0, 1]
+    assert [r["epoch"] for r in read_log(split)] == [r["epoch"] for r in read_log(full)] == [0, 1, 2]
     assert [r["loss"] for r in read_log(split)] == [r["loss"] for r in read_log(full)]
+    assert [r["lr"] for r in read_log(split)] == [r["lr"] for r in read_log(full)] == [1e-4, 0.4 * 4 / 512, 0.4 * 4 / 512]
+    # the optimizer: Nesterov SGD; no weight decay on the 1-D parameters and biases of the student and FitNet's head
+    groups = a["optimizer"]["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [0.0, 1e-4] and all(g["nesterov"] for g in groups)
+    net = imagenet.MODELS["resnet18"](num_classes=NUM_CLASSES)
+    assert len(groups[0]["params"]) == sum(p.ndim == 1 for p in net.parameters())   # head: bias-free convs only
     assert read_results(split)["teacher_top1"] == read_results(full)["teacher_top1"]
 
 
