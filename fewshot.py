@@ -12,7 +12,7 @@ learnable scale × cosine to the class-mean prototypes, Table 6). Every model is
 
 Paper (5-way %, 3 trials): Table 5 (classifier stage, test split), ResNet-36 from scratch 60.91 (1-shot) / 79.01
 (5-shot), AdaptConf from a ResNet-12 teacher 61.50 / 79.52; Table 6 (meta stage, 1-shot, val split at the best epoch
-as the official train_meta.py), 65.08 from scratch, AdaptConf from a class-stage ResNet-12 65.38. Episodes are the
+as Meta-Baseline's max-va), 65.08 from scratch, AdaptConf from a class-stage ResNet-12 65.38. Episodes are the
 official ones (np.random.seed(--episode-seed), then Meta-Baseline's sampler): 800 val per shot every epoch (meta
 stage: 800 test too, logged), 8,000 test at the end. Where the official code (few_shot_leaerning/) leaves room:
   - Table 5 is read from the last epoch's 8,000 test episodes (train_classifier.py logs 800 every 5 epochs).
@@ -835,9 +835,9 @@ def main(args):
         teacher_top1 = (evaluate(args, teacher.encoder, test, args.test_episodes, rank, world_size, device)["top1"]
                         if teacher is not None else None)     # the teacher on the same test episodes
         if rank == 0:   # Table 6 (meta stage): val at the best epoch; Table 5 (classifier stage): the test line below
-            print(f"val ({args.val_episodes} episodes), best epoch {best['epoch']}: 1-shot {best['val_1shot']:.2f} "
-                  f"± {best['val_1shot_ci']:.2f}  5-shot {best['val_5shot']:.2f} ± {best['val_5shot_ci']:.2f}",
-                  flush=True)
+            v = lambda key: best.get(key, math.nan)   # a run resumed from before val was kept has none
+            print(f"val ({args.val_episodes} episodes), best epoch {best['epoch']}: 1-shot {v('val_1shot'):.2f} ± "
+                  f"{v('val_1shot_ci'):.2f}  5-shot {v('val_5shot'):.2f} ± {v('val_5shot_ci'):.2f}", flush=True)
         return save_results(args, {**results, **{f"best_{k}": v for k, v in best.items()},
                                    "teacher_top1": teacher_top1}, rank, world_size, start_time)
     finally:

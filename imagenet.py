@@ -16,10 +16,10 @@ momentum 0.9, lr 0.1 at global batch 512 after 3 warm-up epochs from 1e-4, x0.1 
 (none on biases and BN), label smoothing 0.1, the last BN of each ResNet block zeroed; random-resized-crop 224
 (bilinear or bicubic at random) + flip; eval resize 224/0.95 (the yaml's crop_pct, every model), bicubic (ResNet50,
 MobileNetV1) or bilinear (ResNet18/34) as timm's model configs, crop 224.
-- The lr is scaled linearly with the actual global batch (--batch-size x processes; the official code: 512 only).
-- MobileNetV1 pools globally (official AvgPool2d(7)): identical at 224, and any --image-size works.
-- FitNet as the official code (1x1 conv per stage 1-4, weight 1); RKD (25/50, pooled features) and ReviewKD (4 stages
-  + pooled; the official reviewkd.py is CIFAR-only) follow mdistiller.
+- lr linear in the global batch (--batch-size x processes; official: 512 only); MobileNetV1 pools globally
+  (official AvgPool2d(7): identical at 224, and any --image-size works).
+- FitNet as the official code (1x1 conv per stage, weight 1); RKD (25/50, pooled) and ReviewKD (official: CIFAR-only)
+  follow mdistiller. --gt-weight 0 (not in Table 4): feature losses also get KD on the logits (official: not).
 """
 import argparse
 import functools

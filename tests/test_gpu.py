@@ -40,6 +40,8 @@ def cuda_syncs_per_step(script, argv, few=2, more=4):
 STEPS = {
     "cifar adaptconf": (cifar, ["--model", "resnet32x4", "--teacher", "ShuffleV1", "--loss", "adaptconf",
                                 "--batch-size", "128"]),
+    "cifar v1": (cifar, ["--model", "resnet32x4", "--teacher", "ShuffleV1", "--loss", "adaptconf", "--augment", "v1",
+                         "--batch-size", "128"]),
     "cifar dkd": (cifar, ["--model", "resnet56", "--teacher", "resnet20", "--loss", "dkd", "--batch-size", "128"]),
     "cifar rkd": (cifar, ["--model", "resnet56", "--teacher", "resnet20", "--loss", "rkd", "--batch-size", "128"]),
     "cifar reviewkd": (cifar, ["--model", "resnet56", "--teacher", "resnet20", "--loss", "reviewkd",
