@@ -3,6 +3,7 @@
 
     # the whole experiment: CIFAR-100 fetched into --data-dir if missing, the weak teacher ShuffleV1 trained (--loss
     # ce) in runs/teachers/cifar100_ShuffleV1_seed0 or reused from there, then resnet32x4 distilled from it (Table 2a)
+    # into runs/cifar100_ShuffleV1-resnet32x4_adaptconf_seed0 (the same command again continues or reprints it)
     torchrun --nproc_per_node=8 cifar.py --loss adaptconf
     torchrun --nproc_per_node=8 cifar.py --model resnet56 --loss adaptconf --out runs/r56   # <- resnet20 (Table 1)
     python cifar.py --dataset synthetic --model resnet8 --epochs 2 --warmup-epochs 0   # no data: a CPU, a minute
@@ -17,6 +18,8 @@ The training set stays on the device as uint8 and is augmented there in batches.
 - Feature losses use post-activation stage outputs (mdistiller's ReviewKD uses pre-activation ones); without labels
   (--gt-weight 0) FitNet, RKD and ReviewKD also learn the teacher's logits, or the classifier would get no signal.
 - Crops and AutoAugment's geometric ops interpolate bilinearly (timm's training default picks bilinear or bicubic).
+- A teacher trained here (no --teacher-ckpt) is its final epoch, not its best: picking the best would select a model
+  on the test set (the official released teachers are probably timm's best-epoch checkpoints).
 """
 import argparse
 import hashlib
@@ -942,16 +945,23 @@ def train_teacher(args, rank):
                          args.data_dir, "--out", args.teacher_cache, "--resume"])
     for k in RECIPE:
         setattr(t_args, k, getattr(args, k))
-    state, path = ["train"], lambda name: os.path.join(args.teacher_cache, name)
-    if rank == 0 and os.path.isfile(path("checkpoint.pt")):   # its arguments, finished or not, must be t_args
-        done = json.load(open(path("results.json"))) if os.path.isfile(path("results.json")) else None
-        saved = done or read_checkpoint(path("checkpoint.pt"), "--teacher-cache")
-        saved = saved.get("args", {}) if isinstance(saved, dict) else {}   # none: not ours, open_run says so below
-        differ = [f"--{k.replace('_', '-')} ({saved.get(k)} there, {v} now)" for k, v in vars(t_args).items()
-                  if saved and k not in FREE - {"epochs"} and saved.get(k) != v]
-        state = [f"--teacher-cache {args.teacher_cache} holds a teacher trained with other {', '.join(differ)}; pass "
-                 "another --teacher-cache, or --teacher-ckpt" if differ else
-                 "reuse" if done and done["epochs_done"] >= t_args.epochs else "train"]
+    state, path = ["train"], os.path.join(args.teacher_cache, "checkpoint.pt")
+    if rank == 0 and os.path.isfile(path):   # its arguments, finished or not, must be t_args
+        ckpt, world = read_checkpoint(path, "--teacher-cache"), int(os.environ.get("WORLD_SIZE", 1))
+        saved = ckpt["args"] if isinstance(ckpt, dict) and {"args", "epoch"} <= set(ckpt) else {}
+        done = bool(saved) and ckpt["epoch"] >= saved.get("epochs", math.inf)
+        if done:   # finished: serves any process count with the same global batch; flags added since are not held
+            now = {k: v * world if k == "batch_size" else v for k, v in vars(t_args).items() if k in saved}
+            saved = {**saved, "batch_size": saved["batch_size"] * saved.get("world_size", 1)}
+        else:   # unfinished: open_run continues it only with the same arguments and process count
+            now = {**vars(t_args), "world_size": world}
+        differ = [("processes" if k == "world_size" else "--" + k.replace("_", "-") + " x processes" * (
+            done and k == "batch_size")) + f" ({saved.get(k)} there, {v} now)" for k, v in now.items()
+            if k not in FREE - {"epochs"} and saved.get(k) != v]
+        state = [f"--teacher-cache {path} was not written by this script; pass another --teacher-cache, or "
+                 "--teacher-ckpt" if not saved else f"--teacher-cache {args.teacher_cache} holds "
+                 f"{'a' if done else 'an unfinished'} teacher trained with other {', '.join(differ)}; pass another "
+                 "--teacher-cache, or --teacher-ckpt" if differ else "reuse" if done else "train"]
     if dist.is_initialized():
         dist.broadcast_object_list(state, src=0)
     if state[0] not in ("train", "reuse"):
@@ -1156,7 +1166,8 @@ def parse_args(argv=None):
     g.add_argument("--weight-decay", type=float, default=5e-4, help="weight decay (not on biases and BN)")
     g = p.add_argument_group("run")
     g.add_argument("--seed", type=int, default=0, help="seed of initialisation, shuffling and augmentation")
-    g.add_argument("--out", default=None, help="output folder (log.jsonl, results.json, checkpoint.pt); None = stdout")
+    g.add_argument("--out", default=None, help="output folder (log.jsonl, results.json, checkpoint.pt); default "
+                   "runs/<dataset>_<teacher>-<model>_<loss>_seed<seed>, continued (--resume) when run again")
     g.add_argument("--resume", action="store_true",
                    help="continue from <out>/checkpoint.pt; starts afresh when --out holds none (first launch)")
     g.add_argument("--overwrite", action="store_true", help="start afresh in a non-empty --out (deletes its run)")
@@ -1187,6 +1198,10 @@ def parse_args(argv=None):
         if not (args.teacher_ckpt or args.benchmark or args.teacher_cache):
             args.teacher_cache = f"runs/teachers/{args.dataset}_{args.teacher}_seed{args.teacher_seed}"
     args.model = args.model or "resnet32x4"
+    if not (args.out or args.eval_only or args.benchmark):   # the results are kept; the same command again continues
+        args.out = (f"runs/{args.dataset}_{args.teacher + '-' if args.loss != 'ce' else ''}{args.model}_{args.loss}"
+                    f"_seed{args.seed}")
+        args.resume = not args.overwrite
     return args
 
 

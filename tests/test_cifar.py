@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import cifar
+import common
 from conftest import ROOT, run_torchrun, syncs_per_step
 
 # RepDistiller's models with 100 classes (counted from its model files)
@@ -36,6 +37,12 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def in_tmp_cwd(tmp_path, monkeypatch):
+    """A run without --out writes runs/<dataset>_..._seed<S>/ in the working directory: a fresh one per test."""
+    monkeypatch.chdir(tmp_path)
 
 
 def run(*argv):
@@ -204,9 +211,29 @@ def test_augmentations():
     assert all(any(torch.equal(centre[i], xs[:, 4 + dy:28 + dy, 4 + dx:28 + dx])
                    for dy in range(-4, 5) for dx in range(-4, 5) for xs in (x[i].float(), x[i].float().flip(2)))
                for i in range(8))
+    replay = gen.clone_state()
     paper = cifar.augment(x, "paper", gen)
     assert paper.shape == x.shape and paper.min() >= 0 and paper.max() <= 255
     assert not torch.equal(paper, x.float())
+    # random-resized-crop + flip from the same draws, per image and pixel in float64: the first of 10 tries (area
+    # 8-100%, log-uniform aspect 3/4-4/3) that fits, else the whole image; bilinear, edges clamped
+    rand = lambda *shape: torch.rand(*shape, generator=replay).double()
+    flip, area, ratio = rand(64) < 0.5, rand(64, 10) * 0.92 + 0.08, torch.exp((rand(64, 10) * 2 - 1) * math.log(4 / 3))
+    u, v = rand(64), rand(64)
+    centre = (torch.arange(32, dtype=torch.float64) * 2 + 1) / 32 - 1   # output pixel centres in [-1, 1]
+    for i in range(8):
+        fits = [k for k in range(10) if max(area[i, k] * ratio[i, k], area[i, k] / ratio[i, k]) <= 1]
+        w, h = ((area[i, fits[0]] * ratio[i, fits[0]]).sqrt(), (area[i, fits[0]] / ratio[i, fits[0]]).sqrt()) if fits \
+            else (1.0, 1.0)
+        sx = (((-1 if flip[i] else 1) * w * centre + (u[i] * 2 - 1) * (1 - w) + 1) * 32 - 1) / 2
+        sy = ((h * centre + (v[i] * 2 - 1) * (1 - h) + 1) * 32 - 1) / 2
+        sx, sy = sx.clamp(0, 31), sy.clamp(0, 31)
+        x0, y0 = sx.floor().long().clamp(max=30), sy.floor().long().clamp(max=30)
+        fx, fy, img = sx - x0, sy - y0, x[i].double()
+        at = lambda dy, dx: img[:, (y0 + dy)[:, None], (x0 + dx)[None, :]]
+        ref = (at(0, 0) * (1 - fy[:, None]) * (1 - fx) + at(0, 1) * (1 - fy[:, None]) * fx
+               + at(1, 0) * fy[:, None] * (1 - fx) + at(1, 1) * fy[:, None] * fx)
+        assert torch.allclose(paper[i].double(), ref, atol=1e-3), i
 
 
 def test_torchrun_two_processes_count_every_test_image_once(tmp_path, teacher_ckpt):
@@ -361,7 +388,8 @@ def test_missing_data_is_downloaded_or_stops_with_one_line_saying_where_to_put_i
     env = dict(os.environ, https_proxy=dead, http_proxy=dead, HTTPS_PROXY=dead, HTTP_PROXY=dead, no_proxy="",
                NO_PROXY="")
     proc = subprocess.run([sys.executable, "cifar.py", "--data-dir", str(tmp_path), "--model", "resnet8", "--epochs",
-                           "1", "--warmup-epochs", "0"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+                           "1", "--warmup-epochs", "0", "--out", str(tmp_path / "run")], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 1 and len(lines) == 1 and "Traceback" not in proc.stdout + proc.stderr, proc.stderr
     assert f"cifar100 is not in --data-dir {tmp_path} and could not be downloaded" in lines[0]
@@ -481,6 +509,12 @@ def test_default_pairs_and_the_paper_numbers():
                                                                                          "ShuffleV1_seed2")
     assert cifar.parse_args(["--loss", "kd", "--teacher-ckpt", "t.pt"]).teacher_cache is None
     assert cifar.parse_args(["--model", "resnet56"]).teacher is None   # --loss ce: no teacher
+    # no --out: a folder named after the run, continued when the same command runs again (--overwrite: afresh)
+    args = cifar.parse_args(["--loss", "adaptconf", "--seed", "2"])
+    assert (args.out, args.resume) == ("runs/cifar100_ShuffleV1-resnet32x4_adaptconf_seed2", True)
+    args = cifar.parse_args(["--model", "resnet56", "--overwrite"])
+    assert (args.out, args.resume, args.overwrite) == ("runs/cifar100_resnet56_ce_seed0", False, True)
+    assert cifar.parse_args(["--benchmark", "2"]).out is None and cifar.parse_args(["--eval-only", "t.pt"]).out is None
     paper = lambda *argv: cifar.paper_top1(cifar.parse_args(list(argv[2:])), argv[0], argv[1])
     assert paper("resnet32x4", "adaptconf", "--loss", "adaptconf") == (80.99, "Table 2a")
     assert paper("resnet32x4", "adaptconf", "--loss", "adaptconf", "--gt-weight", "0") == (78.48, "Table 2b")
@@ -504,7 +538,7 @@ def test_mixup_draws_lambda_from_beta_0_1_on_the_device_generator():
 
 def test_v1_teacher_sees_the_students_augmented_mixed_images_and_the_targets_are_mixed(tmp_path):
     """One training step of --augment v1: the teacher's input is exactly the student's, and both equal the batched
-    AutoAugment output (same generator draws; the policy itself is tested against PIL in tests/test_common.py) mixed
+    AutoAugment output (same generator draws; the policy itself is tested against PIL in tests/test_augment.py) mixed
     per image as timm's FastCollateMixup does (image i with B-1-i, float32, rounded), normalised; the ground-truth
     term is the soft-target cross-entropy with λ·onehot(y_i) + (1-λ)·onehot(y_{B-1-i}), from a slow per-image loop."""
     B = 8
@@ -526,10 +560,14 @@ def test_v1_teacher_sees_the_students_augmented_mixed_images_and_the_targets_are
     normalize = lambda v: (v - 120.0) / 60.0
     means = cifar.train_one_epoch(args, 0, model, teacher, torch.optim.SGD(model.parameters(), lr=0.1), x, y, 10,
                                   normalize, 0, 1, max_steps=1)
-    # the same draws, replayed: the step's batch, the crop + AutoAugment, then λ from the two gamma draws
+    # the same draws, replayed: the step's batch, the paper crop (test_augmentations) rounded to uint8 first, then
+    # AutoAugment original-mstd0.5 filled with CIFAR-100's mean colour, translations up to int(0.45 x 32) pixels
+    # (timm's create_transform), then λ from the two gamma draws
     idx = torch.randperm(2 * B, generator=cifar.seeded("shuffle", 0, 0))[:B]
     replay = cifar.seeded("augment", 0, 0, 0)
-    augmented = cifar.augment(x[idx], "v1", replay, cifar.MEAN_STD["default"][0])
+    crops = cifar.augment(x[idx], "paper", replay).round().to(torch.uint8)
+    augmented = common.apply_augment_ops(crops, *common.auto_augment_draws(B, replay, magnitude_std=0.5),
+                                         fill=(129, 124, 112), translate_const=14).float()
     gamma = torch._standard_gamma(torch.full((2,), 0.1, dtype=torch.float64), generator=replay)
     lam = float(gamma[0] / gamma.sum())
     images, targets = [], []
@@ -579,10 +617,57 @@ def test_bare_command_trains_caches_reuses_and_resumes_the_teacher(tmp_path, cif
         run(*[*common[:-4], "--epochs", "3", "--warmup-epochs", "0"], "--model", "resnet56", "--loss", "kd")
 
 
+def test_without_out_the_results_are_kept_and_the_same_command_continues(cifar100_dir, capsys):
+    """No --out: the run is kept in runs/<dataset>_<model>_<loss>_seed<S> (printed), with results.json; the same
+    command again finds it finished, trains nothing and reports it again."""
+    argv = ["--data-dir", cifar100_dir, "--train-subset", "32", "--test-subset", "20", "--batch-size", "16", "--epochs",
+            "1", "--warmup-epochs", "0", "--model", "resnet20"]
+    first = run(*argv)
+    out = "runs/cifar100_resnet20_ce_seed0"
+    assert f"{out}: a fresh run" in capsys.readouterr().out
+    with open(f"{out}/results.json") as f:
+        assert (json.load(f)["paper_top1"], first["paper_top1"]) == (68.93, 68.93)
+    log = read_log(out)
+    again = run(*argv)
+    assert f"resuming {out} after epoch 1" in capsys.readouterr().out and read_log(out) == log
+    assert again["top1"] == first["top1"] and again["best_top1"] == first["best_top1"]
+
+
+def test_teacher_cache_is_reused_across_process_counts_and_refused_in_one_line(tmp_path, capsys):
+    """The cache decision alone, on checkpoints written here (no training): a finished teacher of 8 x 8 images per
+    step serves a 1 x 64 student; one from before --teacher-seed existed, or next to --eval-only's results.json,
+    is reused too; an unfinished one on other processes, or a foreign file, is refused naming --teacher-cache."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    student = cifar.parse_args(["--model", "resnet56", "--loss", "kd", "--teacher-cache", str(cache)])
+    trained = vars(cifar.parse_args(["--model", "resnet20", "--loss", "ce", "--out", str(cache), "--resume",
+                                     "--batch-size", "8"]))
+    save = lambda args, epoch: torch.save({"args": args, "epoch": epoch, "model": {}}, cache / "checkpoint.pt")
+    save({**trained, "world_size": 8}, 240)
+    (cache / "results.json").write_text(json.dumps({"top1": 60.0, "args": trained}))   # --eval-only's: no epochs_done
+    assert cifar.train_teacher(student, 0) == str(cache / "checkpoint.pt")
+    assert "the teacher is the finished run in" in capsys.readouterr().out
+    save({k: v for k, v in trained.items() if k != "teacher_seed"} | {"world_size": 8}, 240)   # an older run
+    assert cifar.train_teacher(student, 0) == str(cache / "checkpoint.pt")
+    save({**trained, "world_size": 1}, 240)
+    with pytest.raises(cifar.UserError, match=r"--teacher-cache .* holds a teacher trained with other --batch-size x "
+                                              r"processes \(8 there, 64 now\); pass another --teacher-cache"):
+        cifar.train_teacher(student, 0)
+    save({**trained, "world_size": 8}, 100)
+    with pytest.raises(cifar.UserError, match=r"holds an unfinished teacher trained with other --batch-size \(8 there, "
+                                              r"64 now\), processes \(8 there, 1 now\); pass another --teacher-cache"):
+        cifar.train_teacher(student, 0)
+    torch.save({"state_dict": {}}, cache / "checkpoint.pt")
+    with pytest.raises(cifar.UserError, match="checkpoint.pt was not written by this script; pass another "
+                                              "--teacher-cache, or --teacher-ckpt"):
+        cifar.train_teacher(student, 0)
+
+
 def test_bare_command_under_torchrun_trains_one_teacher_all_ranks_use(tmp_path, cifar100_dir):
     """The same bare command on two processes: they train the teacher together (its run records 2 processes), then
     both distil from the one checkpoint: the teacher accuracy summed over both ranks equals a single-process
-    evaluation of the cached checkpoint, which a later single-process run reuses without training."""
+    evaluation of the cached checkpoint, which a later single-process run with the same global batch (1 x 32, not
+    2 x 16) reuses without training."""
     common = ["--data-dir", cifar100_dir, "--model", "resnet56", "--loss", "adaptconf", "--train-subset", "32",
               "--test-subset", "21", "--batch-size", "16", "--epochs", "1", "--warmup-epochs", "0",
               "--teacher-cache", tmp_path / "teacher"]
@@ -594,6 +679,6 @@ def test_bare_command_under_torchrun_trains_one_teacher_all_ranks_use(tmp_path, 
         student = json.load(f)
     assert teacher["world_size"] == student["world_size"] == 2 and teacher["args"]["model"] == "resnet20"
     log = (tmp_path / "teacher" / "log.jsonl").read_bytes()
-    again = run(*common, "--out", tmp_path / "again")
+    again = run(*common, "--batch-size", "32", "--out", tmp_path / "again")   # the same global batch, 1 x 32
     assert (tmp_path / "teacher" / "log.jsonl").read_bytes() == log
     assert again["teacher_top1"] == pytest.approx(student["teacher_top1"]) == pytest.approx(teacher["top1"])
