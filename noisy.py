@@ -3,23 +3,25 @@
 A PreAct ResNet-18 teacher supervises a PreAct ResNet-34 student whose training labels carry symmetric (20%) or
 asymmetric (40%) noise, inside Sel-CL+ (Li et al., CVPR 2022; github.com/ShikunLi/Sel-CL as reused by
 github.com/ggjy/vision_weak_to_strong). Stage one (Sel-CL, --epochs) selects confident examples and pairs by kNN votes
-in the embedding space and trains a supervised contrastive + mixup CE loss on them; stage two (Sel-CL+,
---finetune-epochs) fine-tunes a new classifier on the confident examples, and only there does the teacher act (--loss).
+and trains as the official code: MoCo (EMA key encoder, 10,000-key queue) in the warm-up epoch and for samples with <2
+confident partners, supervised contrast with mixup over the batch and (from epoch 4) a 100·C·2 queue, the similarity
+loss (own backward, clip 0.25), mixup CE on confident examples; two "complex" views, a forward pass each. Stage two
+(Sel-CL+, --finetune-epochs) fine-tunes a new classifier on the confident examples with the teacher's term (--loss; the
+teacher in train mode as the official code, --teacher-mode). Under torchrun the losses are the global batch's
+(gathered, queues identical, BatchNorm statistics global, gradients summed): 8 × --batch-size 16 runs 1 × 128.
 
   python noisy.py --dataset cifar100 --data-dir data --model preact_resnet18 --loss ce --out runs/t
   python noisy.py --dataset cifar100 --data-dir data --noisy-labels runs/t/noisy_labels.npy \
       --loss adaptconf --teacher-ckpt runs/t/stage1_model.pt --out runs/adaptconf
-  torchrun --nproc_per_node=8 noisy.py ... --batch-size 16        (--batch-size is per process)
 
 Paper, CIFAR-100 symmetric 20% (top-1, mean of 3): teacher PR18 76.16, student PR34 78.20, with AdaptConf 78.64.
-Simplified against the official code:
-  - in-batch instance contrast instead of MoCo (EMA key encoder, 10,000-key queue); no supervised-contrast queue
-  - no prediction-similarity loss (lambda_s 0.01); one forward pass for the contrastive and classification batches
-  - pad-4 crop + flip in stage one instead of the "complex" augmentation (RandomResizedCrop, colour jitter, gray)
-  - mixup positives counted once; no sample votes for itself; the pair quantile read from a 20,001-bin histogram
-  - the last incomplete batch of an epoch is dropped
+Differs from the official code: colour jitter in float without PIL's uint8 rounding between ops; bf16 autocast instead
+of apex O1; no sample votes for itself in the kNN (the official code drops column j of each batch's row j); the pair
+quantile from a 20,001-bin histogram; the last incomplete batch dropped (fixed shapes, no host sync); under torchrun,
+BatchNorm in train mode on the global batch's statistics (one process: as the official code).
 """
 import argparse
+import copy
 import hashlib
 import json
 import math
@@ -276,14 +278,43 @@ def open_run(args, rank):
 
 # ---- models: PreAct ResNet as Sel-CL builds it (key names match the official checkpoints) -----------------------
 
+class AllReduceSum(torch.autograd.Function):    # dist.all_reduce whose gradient is the sum of every process's too
+    @staticmethod
+    def forward(ctx, t):
+        t = t.clone()
+        dist.all_reduce(t)
+        return t
+
+    @staticmethod
+    def backward(ctx, grad):
+        return AllReduceSum.forward(ctx, grad)
+
+
+class BatchNorm(nn.BatchNorm2d):
+    """BatchNorm2d; under DDP in training mode its statistics are those of the global batch (as SyncBatchNorm, which
+    has no CPU kernel), so W processes normalise as one process with W times the batch."""
+    def forward(self, x):
+        if not (self.training and dist.is_initialized()):
+            return super().forward(x)
+        n, xf = x.numel() // x.shape[1] * dist.get_world_size(), x.float()
+        mean, square = AllReduceSum.apply(torch.stack([xf.sum((0, 2, 3)), (xf * xf).sum((0, 2, 3))])) / n
+        var = (square - mean * mean).clamp_min(0)
+        with torch.no_grad():
+            self.running_mean.lerp_(mean, self.momentum)
+            self.running_var.lerp_(var * n / (n - 1), self.momentum)
+            self.num_batches_tracked += 1
+        scale = self.weight * (var + self.eps).rsqrt()
+        return (xf * scale[:, None, None] + (self.bias - mean * scale)[:, None, None]).to(x.dtype)
+
+
 class PreActBlock(nn.Module):
     """Pre-activation basic block (He 2016): BN-ReLU-conv-BN-ReLU-conv; a projection shortcut sees BN-ReLU(x)."""
 
     def __init__(self, in_planes, planes, stride):
         super().__init__()
-        self.bn1 = nn.BatchNorm2d(in_planes)
+        self.bn1 = BatchNorm(in_planes)
         self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
+        self.bn2 = BatchNorm(planes)
         self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
         projection = [nn.Conv2d(in_planes, planes, 1, stride, bias=False)] if stride != 1 or in_planes != planes else []
         self.shortcut = nn.Sequential(*projection)
@@ -301,7 +332,7 @@ class PreActResNet(nn.Module):
     def __init__(self, num_blocks, num_classes, width=64, embed_dim=128):
         super().__init__()
         self.conv1 = nn.Conv2d(3, width, 3, 1, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
+        self.bn1 = BatchNorm(width)
         in_planes = width
         for i, (blocks, stride) in enumerate(zip(num_blocks, (1, 2, 2, 2))):
             planes = width * 2 ** i
@@ -330,14 +361,21 @@ MODELS = {
 }
 
 
-def load_teacher(args, num_classes, device):
-    """The frozen teacher in eval mode; random weights without --teacher-ckpt (only --benchmark allows that)."""
-    teacher = MODELS[args.teacher](num_classes)
+def load_teacher(args, data, device):
+    """The frozen teacher (stage two sets its mode: --teacher-mode); random weights without --teacher-ckpt (only
+    --benchmark allows that). A checkpoint that holds noisy labels (a stage1_model.pt) must hold the student's."""
+    teacher = MODELS[args.teacher](data["num_classes"])
     if args.teacher_ckpt:
+        state = read_checkpoint(args.teacher_ckpt, "--teacher-ckpt")
+        labels = state.get("noisy_labels") if isinstance(state, dict) else None
+        if labels is not None and not args.benchmark and not (isinstance(labels, torch.Tensor) and
+                                                               torch.equal(labels, data["noisy_y"].cpu())):
+            raise UserError(f"--teacher-ckpt {args.teacher_ckpt} was trained on other noisy labels than this run's; "
+                            "pass the teacher run's noisy_labels.npy with --noisy-labels, or that run's checkpoint")
         load_weights(teacher, load_state_dict(args.teacher_ckpt, "--teacher-ckpt"),
                      f"--teacher-ckpt {args.teacher_ckpt}")
     layout = torch.channels_last if device.type == "cuda" else torch.contiguous_format
-    return teacher.to(device, memory_format=layout).eval().requires_grad_(False)
+    return teacher.to(device, memory_format=layout).requires_grad_(False)
 
 
 # ---- data: CIFAR pickles held on the device as uint8, augmented there in batches; label noise --------------------
@@ -457,6 +495,70 @@ def augment(x, gen):
     return torch.where(flip, out.flip(3), out)
 
 
+def resized_crop(x, top, left, height, width, flip):
+    """RandomResizedCrop's crop (top, left, height, width (B,) pixels) of a uint8 batch (B, 3, H, W), resized back to
+    H x W bilinearly (half-pixel centres, edges clamped, as PIL and torchvision upscale), mirrored where flip (B,) bool.
+    Returns float (B, 3, H, W) in [0, 255]."""
+    out = x.float()
+    for dim, (first, extent) in ((2, (top, height)), (3, (left, width))):     # rows, then columns (separable)
+        size = out.shape[dim]
+        pos = ((torch.arange(size, device=x.device) + 0.5) * extent[:, None] / size - 0.5)
+        pos = first[:, None] + torch.minimum(pos.clamp_min(0), extent[:, None] - 1)           # (B, size) source
+        if dim == 3:
+            pos = torch.where(flip[:, None], pos.flip(1), pos)
+        shape = [-1, 1, 1, 1]
+        shape[dim] = size
+        lo = pos.floor().long()
+        take = lambda i: out.gather(dim, i.view(shape).expand(out.shape))
+        low = take(lo)
+        out = low + (take((lo + 1).clamp_max(size - 1)) - low) * (pos - lo).view(shape)
+    return out
+
+
+GRAY = (0.299, 0.587, 0.114)        # PIL's convert("L")
+
+
+def colour_op(x, op, factor):
+    """ColorJitter's op on float images (B, 3, H, W) in [0, 255], per-image factor (B,): 0 brightness, 1 contrast,
+    2 saturation (blends with black, the mean grey level, the grey image), 3 hue (shift in turns, via HSV)."""
+    f = factor.view(-1, 1, 1, 1)
+    gray = sum(w * c for w, c in zip(GRAY, x.unbind(1)))[:, None]                        # (B, 1, H, W)
+    if op < 3:
+        base = 0.0 if op == 0 else gray.mean((2, 3), keepdim=True) if op == 1 else gray
+        return (base + f * (x - base)).clamp(0, 255)
+    value, arg = x.max(1, keepdim=True)
+    delta = value - x.min(1, keepdim=True).values
+    r, g, b = x.unbind(1)
+    d = delta[:, 0].clamp_min(1e-6)
+    hue = torch.where(arg[:, 0] == 0, ((g - b) / d) % 6, torch.where(arg[:, 0] == 1, (b - r) / d + 2, (r - g) / d + 4))
+    hue = (hue[:, None] + 6 * f) % 6                                                     # (B, 1, H, W) in [0, 6)
+    k = (5 - 2 * torch.arange(3, device=x.device).view(1, 3, 1, 1) + hue) % 6             # R, G, B
+    return value - delta * torch.minimum(k, 4 - k).clamp(0, 1)           # value · saturation = delta
+
+
+def complex_augment(x, gen):
+    """Sel-CL's "complex" augmentation of a uint8 batch (B, 3, H, W), each image its own draws (torchvision's):
+    RandomResizedCrop (scale 0.08-1, ratio 3/4-4/3, 10 tries, else the whole image), flip, ColorJitter(0.4, 0.4, 0.4,
+    0.1) with p 0.8 (its four ops in a random order), grayscale with p 0.2. Returns float (B, 3, H, W) in [0, 255]."""
+    b, _, h, w = x.shape
+    u = lambda *shape: torch.rand(*shape, generator=gen, device=x.device)
+    area = h * w * (0.08 + 0.92 * u(b, 10))
+    ratio = torch.exp(math.log(3 / 4) + math.log(16 / 9) * u(b, 10))
+    cw, ch = (area * ratio).sqrt().round(), (area / ratio).sqrt().round()
+    fits = (cw <= w) & (ch <= h)
+    first = fits.float().argmax(1, keepdim=True)                                 # the first try that fits
+    cw, ch = (torch.where(fits.any(1), t.gather(1, first)[:, 0], full) for t, full in ((cw, w), (ch, h)))
+    top, left = (u(b) * (h - ch + 1)).floor(), (u(b) * (w - cw + 1)).floor()
+    out = resized_crop(x, top, left, ch, cw, u(b) < 0.5)
+    jitter, factors, order = u(b) < 0.8, torch.cat([0.6 + 0.8 * u(3, b), 0.2 * u(1, b) - 0.1]), u(b, 4).argsort(1)
+    for step in range(4):
+        for op in range(4):
+            out = torch.where((jitter & (order[:, step] == op)).view(-1, 1, 1, 1), colour_op(out, op, factors[op]),
+                              out)
+    gray = sum(w * c for w, c in zip(GRAY, out.unbind(1)))[:, None]
+    return torch.where((u(b) < 0.2).view(-1, 1, 1, 1), gray.expand_as(out), out)
+
+
 def mixup(x, alpha, gen, np_rng):
     """Sel-CL's mix_data_lab: (λ·x + (1 − λ)·x[perm], perm, λ), λ ~ Beta(α, α) folded to ≥ 0.5 (1 if α = 0)."""
     lam = float(np_rng.beta(alpha, alpha)) if alpha > 0 else 1.0
@@ -524,7 +626,7 @@ def select_confident(embed, noisy_labels, num_classes, k=250, select_quantile=0.
 def reselect(args, raw_model, data, rank, world_size):
     """select_confident on every training image's embedding, in float32, unaugmented, eval-mode BN with rank 0's
     statistics (each process embeds rows rank::world_size). Returns {"selected" (N,) bool, "threshold", "embed" (N, D)
-    unit-norm}."""
+    unit-norm, "pairs": the number of confident pairs (i, j), i ≠ j}."""
     x = data["train_x"]
     broadcast_buffers(raw_model)
     raw_model.eval()
@@ -540,39 +642,133 @@ def reselect(args, raw_model, data, rank, world_size):
         shared = torch.cat([selected.float(), torch.tensor([threshold], device=x.device)])
         dist.broadcast(shared, 0)
         selected, threshold = shared[:-1].bool(), shared[-1].item()
-    return {"selected": selected, "threshold": threshold, "embed": embed}
+    selection, rows = {"selected": selected, "threshold": threshold, "embed": embed}, torch.arange(len(x), device=x.device)
+    selection["pairs"] = int(sum(pair_mask(selection, data["noisy_y"], part, rows).sum() for part in rows.split(1024))
+                             - len(x))
+    return selection
 
 
-def pair_mask(selection, noisy_labels, index):
-    """(B, B) bool confident pairs among the samples `index`: same noisy label, and either both confident or
-    similar enough (stored embeddings) — the official graph, built per batch."""
-    z, labels, sel = selection["embed"][index], noisy_labels[index], selection["selected"][index]
-    same = labels[:, None] == labels[None, :]
-    return same & ((z @ z.T >= selection["threshold"]) | (sel[:, None] & sel[None, :]))
+def pair_mask(selection, noisy_labels, rows, cols):
+    """(R, M) bool confident pairs of the samples `rows` (R,) with `cols` (M,): same noisy label, and either both
+    confident or similar enough (stored embeddings) — the official graph, built per batch."""
+    z, labels, sel = selection["embed"], noisy_labels, selection["selected"]
+    same = labels[rows][:, None] == labels[cols][None, :]
+    return same & ((z[rows] @ z[cols].T >= selection["threshold"]) | (sel[rows][:, None] & sel[cols][None, :]))
 
 
-def selcl_contrastive_loss(embed, pairs, perms, lams, temperature):
-    """Selective supervised contrastive loss with mixup (Sel-CL Eq. 6, MOIT form); returns (B,) per sample.
-    embed (2B, D): unit-norm embeddings of view A then view B, each view mixed with its own permutation perms[v]
-    and weight lams[v]. pairs (B, B) bool confident pairs. Positives of a row: the other view of its dominant image
-    and the views of its confident partners (weight λ), and the same for the mixed-in image (weight 1 − λ)."""
-    b = len(pairs)
-    eye = torch.eye(b, dtype=torch.bool, device=pairs.device)
-    positives = (pairs | eye).repeat(1, 2)                                       # (B, 2B): image i's positives
-    not_self = ~torch.eye(2 * b, dtype=torch.bool, device=pairs.device)
-    with torch.autocast(embed.device.type, enabled=False):   # in bf16, logits/0.1 would lose ~4% of the gradient
-        logits = embed.float() @ embed.float().T / temperature                   # (2B, 2B)
-    log_prob = logits - torch.logsumexp(logits.masked_fill(~not_self, -float("inf")), dim=1, keepdim=True)
+# Sel-CL's stage-one constants (official run scripts): MoCo queue and temperatures, EMA momentum, supervised queue of
+# QUEUE_PER_CLASS·C·2 entries used from epoch index SUP_QUEUE_FROM (official `epoch > 3`, counted from 1), λ_s and clip
+MOCO_QUEUE, TEMPERATURE, EMA_MOMENTUM, QUEUE_PER_CLASS, SUP_QUEUE_FROM, LAMBDA_S, SIMI_CLIP = \
+    10_000, 0.1, 0.999, 100, 3, 0.01, 0.25
 
-    def mean_log_prob(mask):                                                     # mask (2B, 2B) bool
-        mask = mask & not_self
-        return (mask * log_prob).sum(1) / mask.sum(1).clamp_min(1)
 
-    dominant = positives.repeat(2, 1)                                            # (2B, 2B)
-    mixed_in = torch.cat([positives[perms[0]], positives[perms[1]]])             # positives of the mixed-in image
-    lam = torch.cat([torch.full((b,), lams[0], device=embed.device), torch.full((b,), lams[1], device=embed.device)])
-    loss = -(lam * mean_log_prob(dominant) + (1 - lam) * mean_log_prob(mixed_in))
-    return loss.view(2, b).mean(0)
+def selcl_masks(pairs, slot, perms, valid):
+    """The MOIT-style masks of Sel-CL (official supervised/unsupervised_masks_estimation) of 2N anchors (view A then
+    view B of the batch's N images, each view mixed with perms[v]) against M columns. pairs (N, M) bool: each image's
+    confident pairs with each column's image; slot (M,): the column's place in this batch's 2N (view A then B; the
+    supervised queue holds them once enqueued) or −1; valid (M,) bool. Returns bool (2N, M): sup (confident
+    partners, the same image excluded), unsup (the same image's other view), sup2 / unsup2 (the same for the mixed-in
+    image, the anchor's own column excluded; its own image counts in both, as in the official code), keep (all
+    valid columns but the anchor itself)."""
+    n = len(pairs)
+    rows = torch.arange(2 * n, device=pairs.device)
+    own, mixed = rows % n, torch.cat(perms)
+    keep = (slot[None, :] != rows[:, None]) & valid
+    in_batch = slot[None, :] >= 0
+    same, same2 = in_batch & (slot % n == own[:, None]), in_batch & (slot % n == mixed[:, None])
+    return pairs[own] & ~same & valid, same & keep, pairs[mixed] & keep, same2 & keep, keep
+
+
+def supcon_loss(sim, masks, lams):
+    """Sel-CL's supervised contrastive loss (Eq. 6; official Supervised_ContrastiveLearning_loss) of 2N anchors against
+    M columns: sim (2N, M) cosine similarities, masks from selcl_masks, lams (λ_A, λ_B). An anchor's loss is λ·(mean
+    log-probability of its positives, sup + unsup) + (1 − λ)·(that of the mixed-in image's), negated and averaged over
+    the views; anchors without a confident partner (view A's sup row empty) count zero in the mean over N."""
+    sup, unsup, sup2, unsup2, keep = masks
+    n, logits = len(sim) // 2, sim.float() / TEMPERATURE
+    log_prob = logits - torch.logsumexp(logits.masked_fill(~keep, -float("inf")), 1, keepdim=True)
+    lam = torch.cat([logits.new_full((n,), lams[0]), logits.new_full((n,), lams[1])])
+
+    def mean_log_prob(a, b):
+        weight = a.float() + b.float()
+        return (weight * log_prob).sum(1) / weight.sum(1)
+    loss = -(lam * mean_log_prob(sup, unsup) + (1 - lam) * mean_log_prob(sup2, unsup2))
+    return (loss.view(2, n).mean(0) * sup[:n].any(1)).mean()
+
+
+def similarity_loss(prob_sim, masks, lams, columns):
+    """Sel-CL's prediction-similarity loss (official Simi_loss): binary cross-entropy of prob_sim (2N, M), the inner
+    products of softmax predictions, against the positive masks, λ-weighted as supcon_loss; mean over 2N × `columns`
+    (the valid ones)."""
+    sup, unsup, sup2, unsup2, keep = masks
+    n, prob_sim = len(prob_sim) // 2, prob_sim.clamp(0, 1)           # (empty queue entries hold −1)
+    lam = torch.cat([prob_sim.new_full((n, 1), lams[0]), prob_sim.new_full((n, 1), lams[1])])
+
+    def bce(a, b):
+        target = a.float() + b.float()
+        return -(target * (prob_sim + 1e-7).log() + (1 - target) * (1 - prob_sim + 1e-7).log()) * keep
+    return (lam * bce(sup, unsup) + (1 - lam) * bce(sup2, unsup2)).sum() / (2 * n * columns)
+
+
+def moco_loss(q, k, keys):
+    """(N,) instance-contrast loss (official MemoryMoCo + NCESoftmaxLoss): each query q (N, D) against its key k and
+    the queued keys (K, D), temperature 0.1."""
+    logits = torch.cat([(q * k).sum(1, keepdim=True), q @ keys.T], 1).float() / TEMPERATURE
+    return torch.logsumexp(logits, 1) - logits[:, 0]
+
+
+def selcl_memory(args, raw_model, num_classes, device, state=None):
+    """Sel-CL's state besides the model: the EMA key encoder ("ema", a copy of the model), the MoCo queue ("keys",
+    10,000 × D, random at first as in MemoryMoCo) and the supervised queue of QUEUE_PER_CLASS·C·2 EMA embeddings
+    ("feats"), EMA predictions ("pros") and dataset indices ("index", −1: empty), with their write pointers. `state`:
+    a checkpoint's (memory_state) to resume from."""
+    d, k = raw_model.head.out_features, QUEUE_PER_CLASS * num_classes * 2
+    stdv = 1 / math.sqrt(d / 3)
+    memory = {"ema": copy.deepcopy(raw_model).requires_grad_(False), "keys_ptr": 0, "ptr": 0,
+              "keys": ((torch.rand(MOCO_QUEUE, d, generator=seeded("moco", args.seed)) * 2 - 1) * stdv).to(device),
+              "feats": -torch.ones(k, d, device=device), "pros": -torch.ones(k, num_classes, device=device),
+              "index": -torch.ones(k, dtype=torch.long, device=device)}
+    if state is not None:
+        memory["ema"].load_state_dict(state["ema"])
+        memory.update({k: v.to(device) if torch.is_tensor(v) else v for k, v in state.items() if k != "ema"})
+    return memory
+
+
+def memory_state(memory):       # what a checkpoint holds of it (tensors and ints)
+    return {k: v.state_dict() if k == "ema" else v for k, v in memory.items()}
+
+
+def enqueue(memory, feats, pros, index):
+    """The official queue_with_pro.enqueue_dequeue: the 2N entries at the pointer, or, when they do not fit, into the
+    last 2N slots (the pointer back to 0). Returns where they went."""
+    size, n, ptr = len(memory["index"]), len(index), memory["ptr"]
+    start, memory["ptr"] = (ptr, ptr + n) if ptr + n <= size else (size - n, 0)
+    for name, value in (("feats", feats), ("pros", pros), ("index", index)):
+        memory[name][start:start + n] = value
+    return start
+
+
+@torch.no_grad()
+def ema_update(ema, model, momentum=EMA_MOMENTUM):   # official moment_update: parameters only, not BatchNorm's buffers
+    torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - momentum)
+
+
+def gather(t):
+    """(W·B, ...): t (B, ...) of every process in rank order; the gradient flows into this process's own slice."""
+    if not dist.is_initialized():
+        return t
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t.detach().contiguous())
+    parts[dist.get_rank()] = t
+    return torch.cat(parts)
+
+
+def sum_over_processes(tensors):    # in place: the gradient of a loss that every process computes over the global batch
+    if dist.is_initialized() and tensors:
+        flat = torch.cat([t.flatten() for t in tensors])
+        dist.all_reduce(flat)
+        for t, part in zip(tensors, flat.split([t.numel() for t in tensors])):
+            t.copy_(part.view_as(t))
 
 
 def load_data(args, rank, world_size, device):
@@ -641,52 +837,87 @@ def lr_at(args, epoch, step, steps_per_epoch):
     return args.lr * 0.1 ** sum(epoch >= m for m in args.milestones)
 
 
-def selcl_terms(args, model, data, selection, confident, index, gen, np_rng, use_amp):
-    """Stage one's terms on the batch `index` (B,): the contrastive loss on two augmented mixed views (unmixed instance
-    contrast while `selection` is None), the mixup CE on B `confident` examples drawn with replacement; one forward."""
-    normalize, x, b = data["normalize"], data["train_x"][index], len(index)
-    xa, xb = normalize(augment(x, gen)), normalize(augment(x, gen))
-    pairs = torch.zeros(b, b, dtype=torch.bool, device=x.device) if selection is None else \
-        pair_mask(selection, data["noisy_y"], index)                    # (B, B) confident pairs
-    use_confident = confident is not None and len(confident) > 0
-    if use_confident:
-        pick = confident[torch.randint(0, len(confident), (b,), generator=gen, device=x.device)]
-        x_sel, y_sel = normalize(augment(data["train_x"][pick], gen)), data["noisy_y"][pick]
-    alpha = 0.0 if selection is None else 1.0       # mixup Beta(1, 1) as in Sel-CL (alpha_m); none in the warm-up
-    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=use_amp):
-        (xa, perm_a, lam_a), (xb, perm_b, lam_b) = mixup(xa, alpha, gen, np_rng), mixup(xb, alpha, gen, np_rng)
-        inputs = [xa, xb]
-        if use_confident:                           # two mixes of the same confident batch, as the two views
-            s1, perm_s1, lam_s1 = mixup(x_sel, 1.0, gen, np_rng)
-            s2, perm_s2, lam_s2 = mixup(x_sel, 1.0, gen, np_rng)
-            inputs += [s1, s2]
-        logits, embed, _ = model(torch.cat(inputs))                 # (2B [+ 2B], C), (2B [+ 2B], D)
-        terms = {"contrastive": selcl_contrastive_loss(embed[:2 * b], pairs, (perm_a, perm_b), (lam_a, lam_b),
-                                                       temperature=0.1).mean()}              # Sel-CL's sup_t
-        if use_confident:                           # weight 1 (Sel-CL's lambda_c)
-            terms["classif"] = torch.cat([mixup_ce(logits[2 * b:3 * b].float(), y_sel, perm_s1, lam_s1),
-                                          mixup_ce(logits[3 * b:].float(), y_sel, perm_s2, lam_s2)]).mean()
-    return terms
+def selcl_step(args, raw_model, memory, data, selection, confident, index, epoch, gen, np_rng, use_amp, rank,
+               world_size):
+    """Stage one's losses on the global batch `index` (N,), in the official order (train_uns in the warm-up epoch,
+    where `selection` is None; train_sel after); this process forwards its slice, the losses are the global batch's.
+    Returns ({term: scalar}, summed into the loss; the similarity loss (own backward) or None; partners per anchor)."""
+    n, normalize, ema, labels = len(index), data["normalize"], memory["ema"], data["noisy_y"]
+    mine = slice(rank * n // world_size, (rank + 1) * n // world_size)
+    autocast = lambda: torch.autocast(index.device.type, dtype=torch.bfloat16, enabled=use_amp)
+    both = lambda a, b: torch.cat([gather(a), gather(b)])                    # (2N, ...): view A, then view B
+    x = complex_augment(data["train_x"][index.repeat(2)], gen)              # two independent views
+    x1, x2 = normalize(x[:n]), normalize(x[n:])
+    with autocast():                                # 1: query (view 1) against the EMA key (view 2) and the MoCo queue
+        q = gather(raw_model(x1[mine])[1])
+        with torch.no_grad():
+            k = gather(ema(x2[mine])[1])
+    instance = moco_loss(q, k, memory["keys"])                                  # (N,)
+    memory["keys"] = memory["keys"].index_copy(0, (torch.arange(n, device=k.device) + memory["keys_ptr"]) % MOCO_QUEUE,
+                                               k.float())     # a new tensor: the loss's backward needs the old one
+    memory["keys_ptr"] = (memory["keys_ptr"] + n) % MOCO_QUEUE
+    (xa, perm_a, lam_a), (xb, perm_b, lam_b) = mixup(x1, 1.0, gen, np_rng), mixup(x2, 1.0, gen, np_rng)
+    with autocast():                                # 2: both mixed views through the model and the EMA encoder
+        if selection is not None:
+            (logits_a, embed_a, _), (logits_b, embed_b, _) = raw_model(xa[mine]), raw_model(xb[mine])
+        with torch.no_grad():
+            (ema_la, ema_a, _), (ema_lb, ema_b, _) = ema(xa[mine]), ema(xb[mine])
+    slot = enqueue(memory, both(ema_a, ema_b).float(), both(ema_la.softmax(1), ema_lb.softmax(1)), index.repeat(2))
+    if selection is None:
+        return {"instance": instance.mean()}, None, None
+    embed, prob = both(embed_a, embed_b).float(), both(logits_a.softmax(1), logits_b.softmax(1))
+    perms, lams, columns = (perm_a, perm_b), (lam_a, lam_b), torch.arange(2 * n, device=index.device)
+    masks = selcl_masks(pair_mask(selection, labels, index, index.repeat(2)), columns, perms, columns >= 0)
+    supervised, similarity = supcon_loss(embed @ embed.T, masks, lams), similarity_loss(prob @ prob.T, masks, lams, 2 * n)
+    partners = masks[0][:n].sum(1)                  # confident partners of each image in the batch (and the memory)
+    if epoch >= SUP_QUEUE_FROM:                     # 3: the same against the supervised queue (this batch included)
+        stored, valid = memory["index"].clamp_min(0), memory["index"] >= 0
+        place = torch.arange(len(stored), device=index.device) - slot
+        masks = selcl_masks(pair_mask(selection, labels, index, stored), torch.where(place < 2 * n, place, -1), perms,
+                            valid)
+        supervised = supervised + supcon_loss(embed @ memory["feats"].T, masks, lams)
+        similarity = similarity + similarity_loss(prob @ memory["pros"].T, masks, lams, valid.sum())
+        partners = partners + masks[0][:n].sum(1)
+    terms = {"instance": ((partners < (2 if epoch >= SUP_QUEUE_FROM else 1)) * instance).mean(),  # MoCo if alone
+             "supervised": supervised}
+    if len(confident):                              # 4: mixup CE on N confident examples drawn with replacement
+        pick = confident[torch.randint(0, len(confident), (n,), generator=gen, device=index.device)]
+        xs = complex_augment(data["train_x"][pick.repeat(2)], gen)
+        (s1, perm1, lam1), (s2, perm2, lam2) = (mixup(normalize(v), 1.0, gen, np_rng) for v in (xs[:n], xs[n:]))
+        with autocast():
+            logits = both(raw_model(s1[mine])[0], raw_model(s2[mine])[0]).float()
+        terms["classif"] = torch.cat([mixup_ce(logits[:n], labels[pick], perm1, lam1),     # weight 1 (lambda_c)
+                                      mixup_ce(logits[n:], labels[pick], perm2, lam2)]).mean()
+    return terms, similarity, partners.float().mean()
 
 
 def train_one_epoch(args, stage, model, raw_model, teacher, optimizer, data, selection, epoch, rank, world_size,
-                    max_steps=None):
-    """One epoch of stage one (Sel-CL on all training images) or two (Sel-CL+ on the confident examples). Returns {lr,
-    loss, loss_<term>, train_beta_* (adaptconf), images_per_s}, means over all processes."""
+                    max_steps=None, memory=None):
+    """One epoch of stage one (Sel-CL on all training images; `memory`: selcl_memory, fresh when None; the raw model,
+    gradients summed over processes) or two (Sel-CL+ on the confident examples, `model` under DDP). Returns {lr, loss,
+    loss_<term>, partners (stage one), train_beta_* (adaptconf), images_per_s}, means over all processes."""
     model.train()
     start, device = time.time(), data["train_x"].device
     use_amp = args.amp and device.type == "cuda"
-    gen = seeded("augment", args.seed, rank, epoch, device=device)                   # crops, flips, permutations
-    np_rng = np.random.default_rng(seeded("mixup", args.seed, rank, epoch).initial_seed())      # mixup's λ
+    # stage one: every process draws the same numbers for the global batch (the contrast sees all of it); two: its own
+    stream = (args.seed, epoch) + ((rank,) if stage == 2 else ())
+    gen = seeded("augment", *stream, device=device)                                  # crops, colours, permutations
+    np_rng = np.random.default_rng(seeded("mixup", *stream).initial_seed())         # mixup's λ
     confident = None if selection is None else selection["selected"].nonzero().squeeze(1)     # (S,)
     pool = torch.arange(len(data["train_x"]), device=device) if stage == 1 else confident
-    # this process's share of a per-epoch permutation of the pool, in whole batches: every process runs as many steps
-    steps_per_epoch = len(pool) // world_size // args.batch_size
+    # a per-epoch permutation of the pool in whole global batches; process r takes columns r·B .. (r + 1)·B − 1
+    steps_per_epoch, size = len(pool) // world_size // args.batch_size, args.batch_size * world_size
     if steps_per_epoch == 0:
         raise UserError(f"{len(pool)} {'training images' if stage == 1 else 'confident examples of stage one'} over "
                         f"{world_size} process(es) do not fill one batch of {args.batch_size}; lower --batch-size")
-    order = torch.randperm(len(pool), generator=seeded("shuffle", args.seed, epoch))[rank::world_size]
-    batches = pool[order[:steps_per_epoch * args.batch_size].to(device)].view(steps_per_epoch, -1)[:max_steps]
+    order = torch.randperm(len(pool), generator=seeded("shuffle", args.seed, epoch))
+    batches = pool[order[:steps_per_epoch * size].to(device)].view(steps_per_epoch, size)[:max_steps]
+    if stage == 1:
+        memory = memory or selcl_memory(args, raw_model, data["num_classes"], device)
+        memory["ema"].train()                       # BatchNorm on batch statistics (official set_bn_train)
+        params = list(raw_model.parameters())
+    elif teacher is not None:                       # the official code leaves the teacher in train mode
+        teacher.train(args.teacher_mode == "train")
     sums, beta = {}, torch.zeros(13, device=device)        # loss terms and β statistics, summed on the device
     progress = Progress(rank, len(batches), args.batch_size * world_size,
                         max(1, args.epochs + args.finetune_epochs - epoch))     # epochs of both stages left
@@ -695,8 +926,11 @@ def train_one_epoch(args, stage, model, raw_model, teacher, optimizer, data, sel
         for group in optimizer.param_groups:
             group["lr"] = lr
         if stage == 1:
-            terms = selcl_terms(args, model, data, selection, confident, index, gen, np_rng, use_amp)
+            terms, similarity, partners = selcl_step(args, raw_model, memory, data, selection, confident, index, epoch,
+                                                     gen, np_rng, use_amp, rank, world_size)
+            extra = {} if similarity is None else {"loss_similarity": similarity, "partners": partners}
         else:                                       # Sel-CL+ on confident examples: mixup CE + the teacher's term
+            index, similarity, extra = index[rank * args.batch_size:(rank + 1) * args.batch_size], None, {}
             x = data["train_x"][index]
             x, x_clean = data["normalize"](augment(x, gen)), data["normalize"](x)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
@@ -715,10 +949,22 @@ def train_one_epoch(args, stage, model, raw_model, teacher, optimizer, data, sel
         if stage == 2 and world_size > 1:   # the untrained head gets a zero gradient: no parameter is unused, so
             loss = loss + 0.0 * student_out[1].sum()     # DDP skips a blocking read of its used-parameter map
         optimizer.zero_grad(set_to_none=True)
+        if similarity is not None:                  # λ_s·L_sim: its own backward, its gradient clipped to norm 0.25
+            clipped = [torch.zeros_like(p) if g is None else g for p, g in zip(params, torch.autograd.grad(
+                LAMBDA_S * similarity, params, retain_graph=True, allow_unused=True))]
+            sum_over_processes(clipped)
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in clipped]))
+            torch._foreach_mul_(clipped, (SIMI_CLIP / (norm + 1e-6)).clamp(max=1.0))
         loss.backward()
+        if stage == 1:                              # every process computed the global loss: sum the gradients
+            sum_over_processes([p.grad for p in params if p.grad is not None])
+            for p, g in zip(params, clipped if similarity is not None else []):
+                p.grad = g if p.grad is None else p.grad.add_(g)
         optimizer.step()
+        if stage == 1:
+            ema_update(memory["ema"], raw_model)
         progress.step(step + 1)
-        for name, value in {"loss": loss, **{f"loss_{k}": v for k, v in terms.items()}}.items():
+        for name, value in {"loss": loss, **{f"loss_{k}": v for k, v in terms.items()}, **extra}.items():
             sums[name] = sums.get(name, 0) + value.detach().float()
     totals = all_reduce_sum(torch.cat([torch.stack(list(sums.values())), beta]))
     means = dict(zip(sums, (totals[:len(sums)] / (len(batches) * world_size)).tolist()))
@@ -753,15 +999,19 @@ def make_optimizer(raw_model, stage, args):
 
 
 def selection_stats(selection, clean):
-    """How many examples are selected, which fraction of them carries its true label, and the base rate."""
+    """How many examples are selected (and which fraction of all), the precision and recall of the selection against
+    the true labels, the clean fraction of all labels, and the number of confident pairs."""
     n = 0 if selection is None else int(selection["selected"].sum())
-    return {"selected": n, "selected_clean_frac": float(clean[selection["selected"]].float().mean()) if n else None,
-            "clean_frac_all": float(clean.float().mean())}
+    hits = int((clean & selection["selected"]).sum()) if n else 0
+    return {"selected": n, "selected_frac": n / len(clean), "selection_precision": hits / n if n else None,
+            "selection_recall": hits / max(int(clean.sum()), 1), "clean_frac_all": float(clean.float().mean()),
+            "confident_pairs": selection and selection.get("pairs")}
 
 
-def end_epoch(args, stage, epoch, record, raw_model, optimizer, data, selection, best, stage1, rank):
+def end_epoch(args, stage, epoch, record, raw_model, optimizer, data, selection, best, stage1, rank, memory=None):
     """After each epoch of either stage: updates the best (top1, top5, epoch); rank 0 logs the record (training and
-    evaluation) and writes <out>/checkpoint.pt, all that --resume needs. Returns the best."""
+    evaluation) and writes <out>/checkpoint.pt, all that --resume needs (in stage one Sel-CL's memory too). Returns the
+    best."""
     if (record["top1"], record["top5"]) > (best["top1"], best["top5"]):
         best = {"top1": record["top1"], "top5": record["top5"], "epoch": epoch}
     if rank == 0:
@@ -769,19 +1019,22 @@ def end_epoch(args, stage, epoch, record, raw_model, optimizer, data, selection,
     if rank == 0 and args.out:
         save_atomic({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "stage": stage,
                      "epoch": epoch + 1, "best": best, "stage1": stage1, "selection": selection,
-                     "args": vars(args)}, os.path.join(args.out, "checkpoint.pt"))
+                     "memory": memory and memory_state(memory), "args": vars(args)}, os.path.join(args.out, "checkpoint.pt"))
     return best
 
 
-def train_stage1(args, model, raw_model, data, selection, best, start, resumed, rank, world_size):
+def train_stage1(args, raw_model, data, selection, best, start, resumed, rank, world_size):
     """Stage one, Sel-CL: epochs start .. --epochs − 1, selecting confident examples and pairs after each (the
-    first, without, is instance contrast only); then <out>/stage1_model.pt. Returns (selection, best, last top1/5)."""
+    first, without, is instance contrast only); then <out>/stage1_model.pt. `resumed`: (optimizer state, memory
+    state) of a checkpoint within stage one, or None. Returns (selection, best, last top1/5)."""
     optimizer = make_optimizer(raw_model, 1, args)
-    if resumed is not None:                         # the optimizer state of a checkpoint within stage one
-        optimizer.load_state_dict(resumed)
+    if resumed is not None:
+        optimizer.load_state_dict(resumed[0])
+    memory = selcl_memory(args, raw_model, data["num_classes"], data["train_x"].device, resumed and resumed[1])
     for epoch in range(start, args.epochs):
         t0 = time.time()
-        stats = train_one_epoch(args, 1, model, raw_model, None, optimizer, data, selection, epoch, rank, world_size)
+        stats = train_one_epoch(args, 1, raw_model, raw_model, None, optimizer, data, selection, epoch, rank,
+                                world_size, memory=memory)
         selection = reselect(args, raw_model, data, rank, world_size)      # for the next epoch, or stage two
         evaluation = evaluate(args, raw_model, data, rank, world_size)
         stage1 = {"top1": evaluation["top1"], "top5": evaluation["top5"]} if epoch == args.epochs - 1 else None
@@ -790,7 +1043,7 @@ def train_stage1(args, model, raw_model, data, selection, best, start, resumed, 
                          "noisy_labels": data["noisy_y"].cpu(), "epoch": args.epochs, "args": vars(args),
                          **stage1}, os.path.join(args.out, "stage1_model.pt"))
         best = end_epoch(args, 1, epoch, {**stats, **evaluation, "seconds": time.time() - t0}, raw_model, optimizer,
-                         data, selection, best, stage1, rank)
+                         data, selection, best, stage1, rank, memory)
     return selection, best, stage1
 
 
@@ -830,7 +1083,7 @@ def main(args):
         torch.manual_seed(args.seed)                # the same student initialisation for every --loss
         layout = torch.channels_last if device.type == "cuda" else torch.contiguous_format
         model = raw_model = MODELS[args.model](data["num_classes"]).to(device, memory_format=layout)
-        if world_size > 1:          # the warm-up leaves linear2 unused (DDP then reads a flag per step)
+        if world_size > 1:          # for stage two (stage one sums the gradients of its global losses itself)
             model = DistributedDataParallel(raw_model, device_ids=[device] if device.type == "cuda" else None,
                                             find_unused_parameters=True)
         if args.eval_only:
@@ -842,13 +1095,13 @@ def main(args):
                 if args.out:
                     write_text(json.dumps(results, indent=2), os.path.join(args.out, "results.json"))
             return results
-        teacher = None if args.loss == "ce" else load_teacher(args, data["num_classes"], device)
+        teacher = None if args.loss == "ce" else load_teacher(args, data, device)
         if args.benchmark:          # 5 warm-up steps, then STEPS timed ones, of each stage; every image confident
             n = len(data["train_x"])
             selection = {"selected": torch.ones(n, dtype=torch.bool, device=device), "threshold": 1.0,
                          "embed": torch.zeros(n, 1, device=device)}               # confident pairs: same label
             results = {"batch_size": args.batch_size, "world_size": world_size}
-            for stage, epoch, key, name in [(1, 0, "", "one (Sel-CL)"),
+            for stage, epoch, key, name in [(1, SUP_QUEUE_FROM, "", "one (Sel-CL)"),
                                             (2, args.epochs + args.label_correction_epoch, "stage2_", "two (Sel-CL+)")]:
                 optimizer = make_optimizer(raw_model, stage, args)
                 for steps in (5, args.benchmark):       # the returned floats synchronise the device
@@ -884,7 +1137,7 @@ def main(args):
                                 f"epochs done: pass --epochs {ckpt['args']['epochs']}")
             load_weights(raw_model, ckpt["model"], f"--resume {os.path.join(args.out, 'checkpoint.pt')}")
             start_epoch, best, stage1, optimizer_states = ckpt["epoch"], ckpt["best"], ckpt["stage1"], \
-                {ckpt["stage"]: ckpt["optimizer"]}
+                {1: (ckpt["optimizer"], ckpt.get("memory"))} if ckpt["stage"] == 1 else {2: ckpt["optimizer"]}
             selection = ckpt["selection"] and {k: v.to(device) if torch.is_tensor(v) else v
                                                for k, v in ckpt["selection"].items()}
         elif args.stage1_ckpt:      # stage one's weights and selection from a run on the same noisy labels
@@ -902,7 +1155,7 @@ def main(args):
             start_epoch = args.epochs
 
         if start_epoch < args.epochs:
-            selection, best, stage1 = train_stage1(args, model, raw_model, data, selection, best, start_epoch,
+            selection, best, stage1 = train_stage1(args, raw_model, data, selection, best, start_epoch,
                                                    optimizer_states.get(1), rank, world_size)
         if max(start_epoch, args.epochs) < args.epochs + args.finetune_epochs:
             best, evaluation = train_stage2(args, model, raw_model, teacher, data, selection, best, stage1,
@@ -938,6 +1191,8 @@ def parse_args(argv=None):
     g.add_argument("--model", default="preact_resnet34", choices=sorted(MODELS), help="the network trained here")
     g.add_argument("--teacher", default="preact_resnet18", choices=sorted(MODELS))
     g.add_argument("--teacher-ckpt", default=None, help="teacher weights (e.g. its run's stage1_model.pt)")
+    g.add_argument("--teacher-mode", default="train", choices=["train", "eval"], help="the teacher's BatchNorm in stage "
+                   "two: batch statistics (train, as the official code) or its running statistics (eval)")
     g = p.add_argument_group("stage one: Sel-CL (its first epoch is instance contrast only)")
     g.add_argument("--epochs", type=int, default=250, help="Sel-CL epochs (with --stage1-ckpt: those it ran)")
     g.add_argument("--lr", type=float, default=0.1, help="stage-one learning rate")
