@@ -296,12 +296,13 @@ class BatchNorm(nn.BatchNorm2d):
     def forward(self, x):
         if not (self.training and dist.is_initialized()):
             return super().forward(x)
-        n, xf = x.numel() // x.shape[1] * dist.get_world_size(), x.float()
-        mean, square = AllReduceSum.apply(torch.stack([xf.sum((0, 2, 3)), (xf * xf).sum((0, 2, 3))])) / n
-        var = (square - mean * mean).clamp_min(0)
+        n = x.numel() // x.shape[1] * dist.get_world_size()
+        xf = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        mean = AllReduceSum.apply(xf.sum((0, 2, 3))) / n   # two passes: no E[x²] − E[x]² cancellation
+        var = AllReduceSum.apply((xf - mean[:, None, None]).square().sum((0, 2, 3))) / n
         with torch.no_grad():
-            self.running_mean.lerp_(mean, self.momentum)
-            self.running_var.lerp_(var * n / (n - 1), self.momentum)
+            self.running_mean.lerp_(mean.to(self.running_mean.dtype), self.momentum)
+            self.running_var.lerp_((var * n / (n - 1)).to(self.running_var.dtype), self.momentum)
             self.num_batches_tracked += 1
         scale = self.weight * (var + self.eps).rsqrt()
         return (xf * scale[:, None, None] + (self.bias - mean * scale)[:, None, None]).to(x.dtype)
@@ -723,6 +724,10 @@ def selcl_memory(args, raw_model, num_classes, device, state=None):
     ("feats"), EMA predictions ("pros") and dataset indices ("index", −1: empty), with their write pointers. `state`:
     a checkpoint's (memory_state) to resume from."""
     d, k = raw_model.head.out_features, QUEUE_PER_CLASS * num_classes * 2
+    batch = args.batch_size * (dist.get_world_size() if dist.is_initialized() else 1)
+    if 2 * batch > min(k, MOCO_QUEUE):   # a step enqueues 2 entries per image (official sizes; upstream breaks too)
+        raise UserError(f"--batch-size: the global batch {batch} does not fit Sel-CL's queues ({min(k, MOCO_QUEUE)} "
+                        f"entries, 2 per image); use a global batch of at most {min(k, MOCO_QUEUE) // 2}")
     stdv = 1 / math.sqrt(d / 3)
     memory = {"ema": copy.deepcopy(raw_model).requires_grad_(False), "keys_ptr": 0, "ptr": 0,
               "keys": ((torch.rand(MOCO_QUEUE, d, generator=seeded("moco", args.seed)) * 2 - 1) * stdv).to(device),
