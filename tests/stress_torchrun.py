@@ -28,7 +28,7 @@ def commands(tmp):
         "cifar": ["cifar.py", "--dataset", "synthetic", "--model", "wrn_16_1", "--loss", "ce", "--epochs", "1",
                   "--warmup-epochs", "0", "--batch-size", "16", "--train-subset", "64", "--test-subset", "101"],
         "imagenet": ["imagenet.py", "--data-dir", tree, "--model", "resnet18", "--loss", "ce", "--epochs", "1",
-                     "--batch-size", "4", "--image-size", "32", "--workers", "0"],
+                     "--batch-size", "4", "--image-size", "32", "--workers", "0", "--warmup-epochs", "0"],
         "transfer": ["transfer.py", "--data-dir", tree, "--model", "vit_tiny_test", "--loss", "ce", "--epochs", "1",
                      "--batch-size", "4", "--image-size", "32", "--workers", "0", "--warmup-epochs", "0"],
         "fewshot": ["fewshot.py", "--data-dir", mini, "--stage", "classifier", "--model", "resnet12", "--width", "4",
