@@ -282,8 +282,7 @@ def open_run(args, rank):
 # CifarNet.forward: stem -> stages -> pre_pool -> global average pool -> classifier. `model(x, features=True)` also
 # returns [stage maps shallow -> deep..., (B, D) pooled embedding] for the feature losses.
 
-def bn(c):
-    return nn.BatchNorm2d(c)
+bn = nn.BatchNorm2d
 
 
 def conv(cin, cout, k=3, stride=1, groups=1, bias=False):
@@ -414,10 +413,8 @@ class WideResNet(CifarNet):
         return F.relu(self.bn1(x))
 
 
-VGG_CONFIGS = {8: [[64], [128], [256], [512], [512]], 11: [[64], [128], [256, 256], [512, 512], [512, 512]],
-               13: [[64, 64], [128, 128], [256, 256], [512, 512], [512, 512]],
-               16: [[64, 64], [128, 128], [256] * 3, [512] * 3, [512] * 3],
-               19: [[64, 64], [128, 128], [256] * 4, [512] * 4, [512] * 4]}
+VGG_CONFIGS = {8: [[64], [128], [256], [512], [512]], 11: [[64], [128], [256] * 2, [512] * 2, [512] * 2],
+               **{d: [[64] * 2, [128] * 2, [256] * n, [512] * n, [512] * n] for d, n in ((13, 2), (16, 3), (19, 4))}}
 
 
 class VGG(CifarNet):
@@ -566,13 +563,10 @@ class MobileNetV2(CifarNet):
 MODELS = {
     **{f"resnet{d}": (lambda d: lambda nc: ResNet([16, 32, 64], [(d - 2) // 6] * 3, nc, 16))(d)
        for d in (8, 14, 20, 32, 44, 56, 110)},
-    "resnet8x4": lambda nc: ResNet([64, 128, 256], [1] * 3, nc, 32),
-    "resnet32x4": lambda nc: ResNet([64, 128, 256], [5] * 3, nc, 32),
+    **{f"resnet{d}x4": (lambda d: lambda nc: ResNet([64, 128, 256], [(d - 2) // 6] * 3, nc, 32))(d) for d in (8, 32)},
     **{f"wrn_{d}_{w}": (lambda d, w: lambda nc: WideResNet(d, w, nc))(d, w) for d in (16, 40) for w in (1, 2)},
     **{f"vgg{d}": (lambda d: lambda nc: VGG(d, nc))(d) for d in (8, 11, 13, 16, 19)},
-    "ShuffleV1": ShuffleV1,
-    "ShuffleV2": ShuffleV2,
-    "MobileNetV2": MobileNetV2,
+    "ShuffleV1": ShuffleV1, "ShuffleV2": ShuffleV2, "MobileNetV2": MobileNetV2,
     "ResNet18": lambda nc: ResNet([64, 128, 256, 512], [2, 2, 2, 2], nc, 64, "linear", "shortcut"),
     "ResNet50": lambda nc: ResNet([64, 128, 256, 512], [3, 4, 6, 3], nc, 64, "linear", "shortcut", True),
 }
@@ -582,7 +576,6 @@ def build_model(name, num_classes):
     if name not in MODELS:
         raise ValueError(f"unknown model '{name}'; choose one of: {', '.join(MODELS)}")
     return MODELS[name](num_classes)
-
 
 
 # ---- data: uint8 tensors resident on the device, augmented there in batches --------------------------------------
@@ -617,7 +610,7 @@ def read_cifar(data_dir, dataset, rank=0):
                         f"\"import torchvision; torchvision.datasets.{dataset.upper()}('{data_dir}', download=True)\"")
 
     def read(files):
-        xs, ys = [], []
+        xy = []
         for name in files:
             path = os.path.join(root, name)
             try:
@@ -631,9 +624,8 @@ def read_cifar(data_dir, dataset, rank=0):
             if len(x) != len(y) or len(y) == 0 or y.min() < 0 or y.max() >= classes:
                 raise UserError(f"{path} holds {len(x)} images and {len(y)} labels in [0, {classes}) expected; "
                                 "delete it to download it again")
-            xs.append(x)
-            ys.append(y)
-        return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
+            xy.append((x, y))
+        return tuple(torch.from_numpy(np.concatenate(v)) for v in zip(*xy))
 
     return (*read(train_files), *read(test_files), classes)
 
@@ -794,9 +786,7 @@ def loss_terms(args, epoch, student_out, teacher_out, labels):
     terms = {}
     if args.gt_weight > 0:
         terms["gt"] = args.gt_weight * F.cross_entropy(logits, labels)
-    if args.loss == "ce":
-        pass
-    elif args.loss == "kd":
+    if args.loss == "kd":
         terms["kd"] = args.kd_weight * kd_loss(logits, t_logits, T=args.kd_T)
     elif args.loss == "augconf":   # Eq. 1: (1 - α)·KD + α·CE(s, argmax s), α ramped over the first 30% of epochs
         alpha = augconf_alpha(epoch, args.epochs, args.alpha_max)
@@ -814,7 +804,7 @@ def loss_terms(args, epoch, student_out, teacher_out, labels):
     elif args.loss == "reviewkd":
         t_all = t_feats[:-1] + [t_feats[-1][:, :, None, None]]
         terms["reviewkd"] = args.reviewkd_weight * ramp(args.reviewkd_warmup) * hcl_loss(heads_out, t_all)
-    else:
+    elif args.loss != "ce":
         raise ValueError(f"unknown loss '{args.loss}'")
     if args.gt_weight == 0 and args.loss in ("fitnet", "rkd", "reviewkd"):
         # teacher-only training (Table 2b): a feature loss gives the classifier no signal, so it learns the logits too
@@ -1034,9 +1024,8 @@ def main(args):
         if steps == 0:
             raise UserError(f"{len(train_x)} training images cannot fill one batch of {args.batch_size} on each of "
                             f"{world_size} processes; lower --batch-size or raise --train-subset")
-        epoch_train = lambda epoch, max_steps=None: train_one_epoch(args, epoch, model, teacher, optimizer, train_x,
-                                                                     train_y, classes, normalize, rank, world_size,
-                                                                     max_steps)
+        epoch_train = lambda epoch, max_steps=None: train_one_epoch(
+            args, epoch, model, teacher, optimizer, train_x, train_y, classes, normalize, rank, world_size, max_steps)
 
         if args.benchmark:   # the training loop itself on random images: 5 warm-up steps, then STEPS timed
             epoch_train(0, 5)
