@@ -722,7 +722,7 @@ def selcl_memory(args, raw_model, num_classes, device, state=None):
     """Sel-CL's state besides the model: the EMA key encoder ("ema", a copy of the model), the MoCo queue ("keys",
     10,000 × D, random at first as in MemoryMoCo) and the supervised queue of QUEUE_PER_CLASS·C·2 EMA embeddings
     ("feats"), EMA predictions ("pros") and dataset indices ("index", −1: empty), with their write pointers. `state`:
-    a checkpoint's (memory_state) to resume from."""
+    a checkpoint's (end_epoch's) to resume from."""
     d, k = raw_model.head.out_features, QUEUE_PER_CLASS * num_classes * 2
     batch = args.batch_size * (dist.get_world_size() if dist.is_initialized() else 1)
     if 2 * batch > min(k, MOCO_QUEUE):   # a step enqueues 2 entries per image (official sizes; upstream breaks too)
@@ -737,10 +737,6 @@ def selcl_memory(args, raw_model, num_classes, device, state=None):
         memory["ema"].load_state_dict(state["ema"])
         memory.update({k: v.to(device) if torch.is_tensor(v) else v for k, v in state.items() if k != "ema"})
     return memory
-
-
-def memory_state(memory):       # what a checkpoint holds of it (tensors and ints)
-    return {k: v.state_dict() if k == "ema" else v for k, v in memory.items()}
 
 
 def enqueue(memory, feats, pros, index):
@@ -940,10 +936,9 @@ def train_one_epoch(args, stage, model, raw_model, teacher, optimizer, data, sel
             x, x_clean = data["normalize"](augment(x, gen)), data["normalize"](x)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
                 x, perm, lam = mixup(x, 1.0, gen, np_rng)
-                boot = None
-                if epoch - args.epochs >= args.label_correction_epoch:
-                    with torch.no_grad():           # the model's own prediction on the clean image, train-mode BN
-                        boot = raw_model(x_clean)[0].argmax(1)
+                with torch.no_grad():               # bootstrapping: the model's own prediction on the clean image
+                    boot = (raw_model(x_clean)[0].argmax(1) if epoch - args.epochs >= args.label_correction_epoch
+                            else None)
                 student_out = model(x)
                 with torch.no_grad():               # the teacher sees the same mixed image
                     teacher_out = None if teacher is None else teacher(x)
@@ -1004,8 +999,7 @@ def make_optimizer(raw_model, stage, args):
 
 
 def selection_stats(selection, clean):
-    """How many examples are selected (and which fraction of all), the precision and recall of the selection against
-    the true labels, the clean fraction of all labels, and the number of confident pairs."""
+    """Selected count and fraction, the selection's precision and recall, the clean fraction, confident pairs."""
     n = 0 if selection is None else int(selection["selected"].sum())
     hits = int((clean & selection["selected"]).sum()) if n else 0
     return {"selected": n, "selected_frac": n / len(clean), "selection_precision": hits / n if n else None,
@@ -1014,9 +1008,8 @@ def selection_stats(selection, clean):
 
 
 def end_epoch(args, stage, epoch, record, raw_model, optimizer, data, selection, best, stage1, rank, memory=None):
-    """After each epoch of either stage: updates the best (top1, top5, epoch); rank 0 logs the record (training and
-    evaluation) and writes <out>/checkpoint.pt, all that --resume needs (in stage one Sel-CL's memory too). Returns the
-    best."""
+    """After each epoch of either stage: returns the best (top1, top5, epoch); rank 0 logs the record and writes
+    <out>/checkpoint.pt, all that --resume needs (in stage one Sel-CL's memory too)."""
     if (record["top1"], record["top5"]) > (best["top1"], best["top5"]):
         best = {"top1": record["top1"], "top5": record["top5"], "epoch": epoch}
     if rank == 0:
@@ -1024,50 +1017,41 @@ def end_epoch(args, stage, epoch, record, raw_model, optimizer, data, selection,
     if rank == 0 and args.out:
         save_atomic({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "stage": stage,
                      "epoch": epoch + 1, "best": best, "stage1": stage1, "selection": selection,
-                     "memory": memory and memory_state(memory), "args": vars(args)}, os.path.join(args.out, "checkpoint.pt"))
+                     "memory": memory and {k: v.state_dict() if k == "ema" else v for k, v in memory.items()},
+                     "args": vars(args)}, os.path.join(args.out, "checkpoint.pt"))
     return best
 
 
-def train_stage1(args, raw_model, data, selection, best, start, resumed, rank, world_size):
-    """Stage one, Sel-CL: epochs start .. --epochs − 1, selecting confident examples and pairs after each (the
-    first, without, is instance contrast only); then <out>/stage1_model.pt. `resumed`: (optimizer state, memory
-    state) of a checkpoint within stage one, or None. Returns (selection, best, last top1/5)."""
-    optimizer = make_optimizer(raw_model, 1, args)
+def train_stage(args, stage, model, raw_model, teacher, data, selection, best, stage1, start, resumed, rank,
+                world_size):
+    """Stage one, Sel-CL (epochs start .. --epochs − 1, selecting confident examples and pairs after each, the first
+    without; then <out>/stage1_model.pt) or two, Sel-CL+ (to --epochs + --finetune-epochs − 1 on the confident
+    examples, a new classifier). `resumed`: a checkpoint's (optimizer state, stage one's memory state) or None.
+    Returns (selection, best, stage one's last top1/5, the last epoch's evaluation)."""
+    optimizer, memory = make_optimizer(raw_model, stage, args), None
     if resumed is not None:
         optimizer.load_state_dict(resumed[0])
-    memory = selcl_memory(args, raw_model, data["num_classes"], data["train_x"].device, resumed and resumed[1])
-    for epoch in range(start, args.epochs):
+    if stage == 1:
+        memory = selcl_memory(args, raw_model, data["num_classes"], data["train_x"].device, resumed and resumed[1])
+    elif resumed is None:           # a fresh classifier (official ReInitializeClassif); the head is no longer trained
+        torch.manual_seed(seeded("classifier", args.seed).initial_seed())
+        raw_model.linear2.reset_parameters()
+    for epoch in range(start, args.epochs + (args.finetune_epochs if stage == 2 else 0)):
         t0 = time.time()
-        stats = train_one_epoch(args, 1, raw_model, raw_model, None, optimizer, data, selection, epoch, rank,
+        stats = train_one_epoch(args, stage, model, raw_model, teacher, optimizer, data, selection, epoch, rank,
                                 world_size, memory=memory)
-        selection = reselect(args, raw_model, data, rank, world_size)      # for the next epoch, or stage two
+        if stage == 1:
+            selection = reselect(args, raw_model, data, rank, world_size)      # for the next epoch, or stage two
         evaluation = evaluate(args, raw_model, data, rank, world_size)
-        stage1 = {"top1": evaluation["top1"], "top5": evaluation["top5"]} if epoch == args.epochs - 1 else None
-        if stage1 and rank == 0 and args.out:       # before checkpoint.pt: a resume from that skips stage one
+        if stage == 1:
+            stage1 = {"top1": evaluation["top1"], "top5": evaluation["top5"]} if epoch == args.epochs - 1 else None
+        if stage == 1 and stage1 and rank == 0 and args.out:    # before checkpoint.pt: resuming it skips stage one
             save_atomic({"model": raw_model.state_dict(), "selected": selection["selected"].cpu(),
                          "noisy_labels": data["noisy_y"].cpu(), "epoch": args.epochs, "args": vars(args),
                          **stage1}, os.path.join(args.out, "stage1_model.pt"))
-        best = end_epoch(args, 1, epoch, {**stats, **evaluation, "seconds": time.time() - t0}, raw_model, optimizer,
+        best = end_epoch(args, stage, epoch, {**stats, **evaluation, "seconds": time.time() - t0}, raw_model, optimizer,
                          data, selection, best, stage1, rank, memory)
-    return selection, best, stage1
-
-
-def train_stage2(args, model, raw_model, teacher, data, selection, best, stage1, start, resumed, rank, world_size):
-    """Stage two, Sel-CL+: epochs start .. --epochs + --finetune-epochs − 1 on the confident examples, with a
-    new classifier and (unless --loss ce) the teacher's term. Returns (best, the last epoch's evaluation)."""
-    optimizer = make_optimizer(raw_model, 2, args)
-    if resumed is None:             # a fresh classifier (official ReInitializeClassif); the head is no longer trained
-        torch.manual_seed(seeded("classifier", args.seed).initial_seed())
-        raw_model.linear2.reset_parameters()
-    else:                           # the optimizer state of a checkpoint within stage two
-        optimizer.load_state_dict(resumed)
-    for epoch in range(start, args.epochs + args.finetune_epochs):
-        t0 = time.time()
-        stats = train_one_epoch(args, 2, model, raw_model, teacher, optimizer, data, selection, epoch, rank, world_size)
-        evaluation = evaluate(args, raw_model, data, rank, world_size)
-        best = end_epoch(args, 2, epoch, {**stats, **evaluation, "seconds": time.time() - t0}, raw_model, optimizer,
-                         data, selection, best, stage1, rank)
-    return best, evaluation
+    return selection, best, stage1, evaluation
 
 
 def main(args):
@@ -1142,7 +1126,7 @@ def main(args):
                                 f"epochs done: pass --epochs {ckpt['args']['epochs']}")
             load_weights(raw_model, ckpt["model"], f"--resume {os.path.join(args.out, 'checkpoint.pt')}")
             start_epoch, best, stage1, optimizer_states = ckpt["epoch"], ckpt["best"], ckpt["stage1"], \
-                {1: (ckpt["optimizer"], ckpt.get("memory"))} if ckpt["stage"] == 1 else {2: ckpt["optimizer"]}
+                {ckpt["stage"]: (ckpt["optimizer"], ckpt.get("memory"))}
             selection = ckpt["selection"] and {k: v.to(device) if torch.is_tensor(v) else v
                                                for k, v in ckpt["selection"].items()}
         elif args.stage1_ckpt:      # stage one's weights and selection from a run on the same noisy labels
@@ -1160,11 +1144,12 @@ def main(args):
             start_epoch = args.epochs
 
         if start_epoch < args.epochs:
-            selection, best, stage1 = train_stage1(args, raw_model, data, selection, best, start_epoch,
-                                                   optimizer_states.get(1), rank, world_size)
+            selection, best, stage1, _ = train_stage(args, 1, raw_model, raw_model, None, data, selection, best, stage1,
+                                                     start_epoch, optimizer_states.get(1), rank, world_size)
         if max(start_epoch, args.epochs) < args.epochs + args.finetune_epochs:
-            best, evaluation = train_stage2(args, model, raw_model, teacher, data, selection, best, stage1,
-                                            max(start_epoch, args.epochs), optimizer_states.get(2), rank, world_size)
+            _, best, _, evaluation = train_stage(args, 2, model, raw_model, teacher, data, selection, best, stage1,
+                                                 max(start_epoch, args.epochs), optimizer_states.get(2), rank,
+                                                 world_size)
         else:                       # no stage-two epoch to run (--finetune-epochs 0, or a finished run resumed)
             evaluation = evaluate(args, raw_model, data, rank, world_size)
 
@@ -1242,12 +1227,11 @@ def parse_args(argv=None):
         args.select_quantile = 0.5 if c10 else (0.75 if sym else 0.25)
     if args.pair_quantile is None:
         args.pair_quantile = 0.25 if c10 else (0.35 if sym else 0.0)
-    training = not (args.benchmark or args.eval_only)
     if args.batch_size < 2:
         p.error("--batch-size must be at least 2 (contrastive pairs and mixup need two samples)")
     if args.loss == "ce" and args.gt_weight == 0:
         p.error("--loss ce --gt-weight 0 leaves stage two nothing to learn; pass --gt-weight 1 or a distillation loss")
-    if args.loss != "ce" and not args.teacher_ckpt and training:
+    if args.loss != "ce" and not args.teacher_ckpt and not (args.benchmark or args.eval_only):
         p.error(f"--loss {args.loss} distils from a teacher; pass --teacher-ckpt (e.g. the stage1_model.pt of a "
                 "--loss ce run with --model preact_resnet18)")
     return args
